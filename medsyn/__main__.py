@@ -1,0 +1,5 @@
+import sys
+
+from medsyn.cli import main
+
+sys.exit(main())
