@@ -1,0 +1,215 @@
+"""Building blocks of the medsyn UNet: residual conv blocks, resampling, attention.
+
+Dimension-agnostic: every block takes `spatial_dims` (2 or 3) and works on (B, C, *spatial).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_nd(spatial_dims: int, *args, **kwargs) -> nn.Module:
+    """Conv1d/2d/3d by `spatial_dims`."""
+    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims](*args, **kwargs)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero a module's parameters, so a residual branch starts as the identity (DiT, ADM)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of continuous time t in [0, 1] (scaled by 1000 as for discrete steps).
+
+    t: (B,) -> (B, dim)
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (t.float() * 1000.0)[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of t followed by a two-layer MLP."""
+
+    def __init__(self, frequency_dim: int, embed_dim: int):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_dim, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim)
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, embed_dim)
+        return self.mlp(timestep_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the time embedding as a scale and shift of the second norm."""
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        embed_dim: int,
+        norm_num_groups: int = 32,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(norm_num_groups, in_channels, eps=1e-6)
+        self.conv1 = conv_nd(spatial_dims, in_channels, out_channels, 3, padding=1)
+        self.emb_proj = nn.Linear(embed_dim, 2 * out_channels)
+        self.norm2 = nn.GroupNorm(norm_num_groups, out_channels, eps=1e-6)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_module(conv_nd(spatial_dims, out_channels, out_channels, 3, padding=1))
+        self.skip = (
+            nn.Identity()
+            if in_channels == out_channels
+            else conv_nd(spatial_dims, in_channels, out_channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        # x: (B, C_in, *S), emb: (B, E) -> (B, C_out, *S)
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb_proj(F.silu(emb)).chunk(2, dim=1)
+        shape = (*scale.shape, *([1] * (h.ndim - 2)))
+        h = self.norm2(h) * (1 + scale.reshape(shape)) + shift.reshape(shape)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 convolution; `factor` per spatial axis (e.g. (1, 2, 2) for in-plane only)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, factor: Sequence[int]):
+        super().__init__()
+        self.factor = tuple(factor)
+        kernel = tuple(3 if f > 1 else 1 for f in self.factor)
+        padding = tuple(1 if f > 1 else 0 for f in self.factor)
+        self.conv = conv_nd(
+            spatial_dims, in_channels, out_channels, kernel, stride=self.factor, padding=padding
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Transposed convolution with kernel = stride = `factor` (as in nnU-Net).
+
+    Each coarse voxel emits its own learned block of fine voxels, at the cost of a 1x1 convolution
+    at the fine resolution; much cheaper than interpolating first and convolving 3x3 after.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, factor: Sequence[int]):
+        super().__init__()
+        self.factor = tuple(int(f) for f in factor)
+        transpose = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[spatial_dims]
+        self.conv = transpose(in_channels, out_channels, self.factor, stride=self.factor)
+
+    def forward(self, x: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
+        x = self.conv(x)
+        if size is not None and tuple(x.shape[2:]) != tuple(size):
+            # odd sizes: the encoder rounded up (ceil(n / f)), so cropping restores the skip's size
+            x = x[(..., *(slice(0, s) for s in size))]
+        return x
+
+
+class Attention(nn.Module):
+    """Multi-head scaled-dot-product attention from `dim` queries to `context_dim` keys/values."""
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention width {dim} is not divisible by num_heads={num_heads}")
+        context_dim = context_dim or dim
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(context_dim, 2 * dim, bias=False)
+        self.to_out = zero_module(nn.Linear(dim, dim))
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # x: (B, N, dim); context: (B, L, context_dim); mask: (B, L) bool, True = attend
+        context = x if context is None else context
+        b, n, d = x.shape
+        h = self.num_heads
+        q = self.to_q(x).view(b, n, h, d // h).transpose(1, 2)  # (B, h, N, d/h)
+        k, v = self.to_kv(context).view(b, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
+        attn_mask = None
+        keep = None
+        if mask is not None:
+            mask = mask.bool()
+            keep = mask.any(dim=1)  # rows with no valid token contribute nothing
+            attn_mask = (mask | ~keep[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = self.to_out(out.transpose(1, 2).reshape(b, n, d))
+        if keep is not None:
+            out = out * keep[:, None, None].to(out.dtype)
+        return out
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention, optional cross-attention to text tokens, and a GELU MLP."""
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, num_heads)
+        self.cross_attn = None
+        if context_dim is not None:
+            self.norm2 = nn.LayerNorm(dim)
+            self.cross_attn = Attention(dim, num_heads, context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), zero_module(nn.Linear(hidden, dim)))
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # x: (B, N, dim)
+        x = x + self.self_attn(self.norm1(x))
+        if self.cross_attn is not None and context is not None:
+            x = x + self.cross_attn(self.norm2(x), context, context_mask)
+        return x + self.mlp(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Attention over the voxels of a feature map: GroupNorm, project in, transformer blocks, project out."""
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        channels: int,
+        num_heads: int,
+        depth: int = 1,
+        context_dim: int | None = None,
+        norm_num_groups: int = 32,
+    ):
+        super().__init__()
+        self.norm = nn.GroupNorm(norm_num_groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, channels)
+        self.blocks = nn.ModuleList(TransformerBlock(channels, num_heads, context_dim) for _ in range(depth))
+        self.proj_out = zero_module(nn.Linear(channels, channels))
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # x: (B, C, *S) -> tokens (B, N, C) -> (B, C, *S)
+        b, c, *spatial = x.shape
+        h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
+        for block in self.blocks:
+            h = block(h, context, context_mask)
+        h = self.proj_out(h).transpose(1, 2).reshape(b, c, *spatial)
+        return x + h

@@ -1,0 +1,103 @@
+"""Named UNet size presets (DiT-style registry); keys are `UNet` constructor arguments.
+
+Paper-scale presets and what they cost, counted on the meta device (`medsyn summary PRESET`):
+- base-700m: ~712 M parameters, ~3 TFLOP per forward at 64^3 (MedSyn's released base: 716 M, 12.1 TFLOP,
+  because it only downsamples in-plane). Downsampling is 3-D and the widest layers (1024) sit at 8^3,
+  where all attention lives: 10 transformer blocks of self- and cross-attention over 512 voxel tokens.
+- sr-light: ~65 M parameters, ~9.4 TFLOP per forward at 256^3 (MedSyn's SR: 54 M, 81.5 TFLOP); one
+  attention block at the bottom, no text, and the low-resolution volume concatenated to the input.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_TEXT = {"cross_attention_dim": 768, "pooled_text": True}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "base-700m": {
+        "spatial_dims": 3,
+        "in_channels": 4,
+        "out_channels": 4,
+        "num_channels": [96, 192, 384, 1024],
+        "num_res_blocks": [1, 2, 2, 2],
+        "mid_attention": True,
+        "transformer_depth": 10,
+        "num_head_channels": 64,
+        "time_embed_dim": 1024,
+        **_TEXT,
+    },
+    "sr-light": {
+        "spatial_dims": 3,
+        "in_channels": 8,
+        "out_channels": 4,
+        "num_channels": [24, 48, 96, 192, 384],
+        "num_res_blocks": [1, 1, 2, 2, 1],
+        "mid_attention": True,
+        "transformer_depth": 1,
+        "num_head_channels": 64,
+        "norm_num_groups": 8,
+        "augment_embedding": True,
+    },
+    # The CPU demo: the same code at 32^3 -> 64^3 (text width of the demo's tiny BERT).
+    "base-demo": {
+        "spatial_dims": 3,
+        "in_channels": 4,
+        "out_channels": 4,
+        "num_channels": [32, 64, 128],
+        "num_res_blocks": [1, 1, 2],
+        "mid_attention": True,
+        "transformer_depth": 2,
+        "num_head_channels": 32,
+        "cross_attention_dim": 128,
+        "pooled_text": True,
+    },
+    "sr-demo": {
+        "spatial_dims": 3,
+        "in_channels": 8,
+        "out_channels": 4,
+        "num_channels": [16, 32, 64],
+        "num_res_blocks": [1, 1, 1],
+        "mid_attention": True,
+        "transformer_depth": 1,
+        "num_head_channels": 32,
+        "norm_num_groups": 8,
+        "augment_embedding": True,
+    },
+    # Unit tests: a few thousand parameters, 8^3-16^3 inputs.
+    "base-tiny": {
+        "spatial_dims": 3,
+        "in_channels": 4,
+        "out_channels": 4,
+        "num_channels": [16, 32],
+        "num_res_blocks": 1,
+        "mid_attention": True,
+        "transformer_depth": 1,
+        "num_head_channels": 16,
+        "norm_num_groups": 8,
+        "cross_attention_dim": 32,
+        "pooled_text": True,
+    },
+    "sr-tiny": {
+        "spatial_dims": 3,
+        "in_channels": 8,
+        "out_channels": 4,
+        "num_channels": [16, 32],
+        "num_res_blocks": 1,
+        "mid_attention": True,
+        "transformer_depth": 1,
+        "num_head_channels": 16,
+        "norm_num_groups": 8,
+        "augment_embedding": True,
+    },
+}
+
+# The input size each preset is meant for (used by `medsyn summary` when --size is not given).
+DEFAULT_SIZE: dict[str, int] = {
+    "base-700m": 64,
+    "sr-light": 256,
+    "base-demo": 32,
+    "sr-demo": 64,
+    "base-tiny": 16,
+    "sr-tiny": 16,
+}
