@@ -43,7 +43,10 @@ def _oracle(parameterization: str, x0: torch.Tensor, noise: torch.Tensor) -> Den
 
 @pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
 def test_exact_net_gives_the_same_x0_in_every_parameterization(parameterization):
-    x0, noise = torch.randn(5, 4, 6, 6, 6, dtype=torch.float64), torch.randn(5, 4, 6, 6, 6, dtype=torch.float64)
+    x0, noise = (
+        torch.randn(5, 4, 6, 6, 6, dtype=torch.float64),
+        torch.randn(5, 4, 6, 6, 6, dtype=torch.float64),
+    )
     t = torch.tensor([0.0, 0.2, 0.5, 0.8, 0.97], dtype=torch.float64)
     den = _oracle(parameterization, x0, noise)
     x_t = den.schedule.add_noise(x0, t, noise)

@@ -20,7 +20,9 @@ PARAMETERIZATIONS: tuple[str, ...] = ("x0", "eps", "v")
 def check_parameterization(name: str) -> str:
     """Return `name` if it is a known parameterisation, else raise a ValueError naming the valid ones."""
     if name not in PARAMETERIZATIONS:
-        raise ValueError(f"unknown parameterization {name!r}; valid parameterizations: {', '.join(PARAMETERIZATIONS)}")
+        raise ValueError(
+            f"unknown parameterization {name!r}; valid parameterizations: {', '.join(PARAMETERIZATIONS)}"
+        )
     return name
 
 
@@ -36,7 +38,11 @@ def target_from(
 
 
 def x0_from(
-    out: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, parameterization: str,
+    out: torch.Tensor,
+    x_t: torch.Tensor,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    parameterization: str,
     alpha_min: float = 1e-4,
 ) -> torch.Tensor:
     """Invert `target_from`: x0 from a prediction `out` of the given parameterisation at x_t."""
@@ -48,7 +54,11 @@ def x0_from(
 
 
 def from_x0(
-    x0: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, parameterization: str,
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    parameterization: str,
     sigma_min: float = 1e-4,
 ) -> torch.Tensor:
     """Express an x0 estimate at x_t in another parameterisation (eps = (x_t - alpha x0) / sigma)."""

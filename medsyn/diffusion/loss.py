@@ -19,7 +19,10 @@ TIME_SAMPLINGS: tuple[str, ...] = ("uniform", "stratified")
 
 
 def sample_times(
-    batch: int, kind: str = "uniform", generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    batch: int,
+    kind: str = "uniform",
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Training times t (B,) in [0, 1): i.i.d. uniform, or "stratified" (low-discrepancy, VDM): one
     uniform offset u shared by the batch, t_i = (u + i / B) mod 1, which lowers the loss variance."""
@@ -77,7 +80,9 @@ class DiffusionLoss:
             t = sample_times(batch, self.time_sampling, generator, x0.device)
         if noise is None:
             gen_device = generator.device if generator is not None else x0.device
-            noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
+            noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(
+                x0.device
+            )
         x_t = denoiser.schedule.add_noise(x0, t, noise)  # (B, C, ...)
         out = denoiser.net_output(x_t, t, **cond)  # (B, C, ...) in the denoiser's parameterisation
         space = self.parameterization or denoiser.parameterization

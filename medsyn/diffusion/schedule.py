@@ -38,7 +38,9 @@ class CosineSchedule:
 
     def __init__(self, logsnr_min: float = -15.0, logsnr_max: float = 15.0, shift: float = 1.0) -> None:
         if not logsnr_min < logsnr_max:
-            raise ValueError(f"CosineSchedule: logsnr_min ({logsnr_min}) must be below logsnr_max ({logsnr_max})")
+            raise ValueError(
+                f"CosineSchedule: logsnr_min ({logsnr_min}) must be below logsnr_max ({logsnr_max})"
+            )
         if not shift > 0:
             raise ValueError(f"CosineSchedule: shift must be positive, got {shift}")
         self.logsnr_min = float(logsnr_min)
@@ -110,7 +112,9 @@ def time_grid(
     elif kind == "logsnr":
         if schedule is None:
             raise ValueError("time_grid: kind 'logsnr' needs the schedule")
-        lam = torch.linspace(float(schedule.logsnr(1.0)), float(schedule.logsnr(0.0)), steps + 1, dtype=torch.float64)
+        lam = torch.linspace(
+            float(schedule.logsnr(1.0)), float(schedule.logsnr(0.0)), steps + 1, dtype=torch.float64
+        )
         ts = schedule.t_from_logsnr(lam).clamp(0.0, 1.0)
         ts[0], ts[-1] = 1.0, 0.0
     else:

@@ -1,0 +1,209 @@
+"""Samplers: a flat library of pure functions with one shared signature (k-diffusion style).
+
+    sample_*(denoise, noise, ts, schedule, generators=None, callback=None, project=None) -> x0 sample
+
+denoise(x, t) -> x0 estimate, x (B, C, ...) and t (B,); `noise` is the state at ts[0] (usually t = 1);
+`ts` a descending 1-D tensor of times (see `time_grid`), any number of steps. When the grid ends at
+t = 0 the last step returns the denoised x0, so one step [1, 0] returns denoise(noise, 1).
+`generators` holds one torch.Generator per sample: the fresh noise of sample i comes from generator i
+only, so a sample does not depend on the batch it was drawn in. `callback(i, t, x, x0)` sees the state
+before step i and its x0 estimate; `project(x, t) -> x` is applied to the state after every step
+(e.g. to replace fixed channels by their forward-noised value, RePaint-style inpainting).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from medsyn.diffusion.schedule import CosineSchedule
+
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+ProjectFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def randn_per_sample(
+    shape: Sequence[int],
+    generators: Sequence[torch.Generator] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Standard normal noise of `shape` (B, ...), row i drawn from generators[i] alone (or from the
+    global generator when `generators` is None)."""
+    shape = tuple(shape)
+    if generators is None:
+        return torch.randn(shape, device=device, dtype=dtype)
+    if len(generators) != shape[0]:
+        raise ValueError(f"got {len(generators)} generators for a batch of {shape[0]} samples")
+    rows = [torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype) for g in generators]
+    return torch.stack(rows).to(device=device)
+
+
+def _check_grid(ts: torch.Tensor) -> list[float]:
+    """The grid as Python floats, after checking it is 1-D, strictly decreasing and within [0, 1]."""
+    if ts.ndim != 1 or ts.numel() < 2:
+        raise ValueError(f"ts must be a 1-D tensor of at least 2 times, got shape {tuple(ts.shape)}")
+    times = [float(t) for t in ts.detach().cpu().double()]
+    if any(s >= t for t, s in zip(times[:-1], times[1:], strict=True)):
+        raise ValueError("ts must be strictly decreasing")
+    if times[0] > 1.0 or times[-1] < 0.0:
+        raise ValueError(f"ts must lie in [0, 1], got [{times[-1]}, {times[0]}]")
+    return times
+
+
+def _scales(schedule: CosineSchedule, t: float) -> tuple[float, float, float]:
+    """(alpha, sigma, logsnr) at a scalar time, in float64."""
+    t64 = torch.tensor(t, dtype=torch.float64)
+    alpha, sigma = schedule.alpha_sigma(t64)
+    return float(alpha), float(sigma), float(schedule.logsnr(t64))
+
+
+def _time(t: float, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)  # (B,)
+
+
+@torch.no_grad()
+def sample_ancestral(
+    denoise: DenoiseFn,
+    noise: torch.Tensor,
+    ts: torch.Tensor,
+    schedule: CosineSchedule,
+    generators: Sequence[torch.Generator] | None = None,
+    callback: Callback | None = None,
+    project: ProjectFn | None = None,
+) -> torch.Tensor:
+    """Ancestral (DDPM) sampling: draw x_s from the posterior q(x_s | x_t, x0 = x0_hat).
+
+    In continuous time (VDM notation) alpha_{t|s} = alpha_t / alpha_s and
+    sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2; the posterior has mean
+    (alpha_{t|s} sigma_s^2 x_t + alpha_s sigma_{t|s}^2 x0_hat) / sigma_t^2 and variance
+    sigma_{t|s}^2 sigma_s^2 / sigma_t^2. Stochastic: uses `generators` for the fresh noise.
+    """
+    times = _check_grid(ts)
+    x = noise
+    for i, (t, s) in enumerate(zip(times[:-1], times[1:], strict=True)):
+        x0 = denoise(x, _time(t, x))
+        if callback is not None:
+            callback(i, _time(t, x), x, x0)
+        if s <= 0.0:
+            x = x0
+        else:
+            alpha_t, sigma_t, lam_t = _scales(schedule, t)
+            alpha_s, sigma_s, lam_s = _scales(schedule, s)
+            # sigma_{t|s}^2 / sigma_t^2 = 1 - SNR(t) / SNR(s), via expm1 for accuracy on small steps.
+            c = -math.expm1(lam_t - lam_s)
+            alpha_ts = alpha_t / alpha_s
+            mean = (alpha_ts * sigma_s**2 / sigma_t**2) * x + (alpha_s * c) * x0
+            std = sigma_s * math.sqrt(c)  # sqrt(sigma_{t|s}^2 sigma_s^2 / sigma_t^2)
+            z = randn_per_sample(x.shape, generators, x.device, x.dtype)
+            x = mean + std * z
+        if project is not None:
+            x = project(x, _time(s, x))
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(
+    denoise: DenoiseFn,
+    noise: torch.Tensor,
+    ts: torch.Tensor,
+    schedule: CosineSchedule,
+    generators: Sequence[torch.Generator] | None = None,
+    callback: Callback | None = None,
+    project: ProjectFn | None = None,
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """DDIM (Song et al., 2021): x_s = alpha_s x0_hat + sigma_s eps_hat, deterministic for eta = 0
+    (a first-order solver of the probability-flow ODE). eta = 1 matches ancestral sampling."""
+    times = _check_grid(ts)
+    x = noise
+    for i, (t, s) in enumerate(zip(times[:-1], times[1:], strict=True)):
+        x0 = denoise(x, _time(t, x))
+        if callback is not None:
+            callback(i, _time(t, x), x, x0)
+        if s <= 0.0:
+            x = x0
+        else:
+            alpha_t, sigma_t, lam_t = _scales(schedule, t)
+            alpha_s, sigma_s, lam_s = _scales(schedule, s)
+            eps = (x - alpha_t * x0) / sigma_t  # implied noise estimate
+            std = eta * sigma_s * math.sqrt(-math.expm1(lam_t - lam_s))  # eta x posterior std
+            x = alpha_s * x0 + math.sqrt(max(sigma_s**2 - std**2, 0.0)) * eps
+            if std > 0.0:
+                x = x + std * randn_per_sample(x.shape, generators, x.device, x.dtype)
+        if project is not None:
+            x = project(x, _time(s, x))
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    denoise: DenoiseFn,
+    noise: torch.Tensor,
+    ts: torch.Tensor,
+    schedule: CosineSchedule,
+    generators: Sequence[torch.Generator] | None = None,
+    callback: Callback | None = None,
+    project: ProjectFn | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al., 2022), the multistep second-order solver of the probability-flow
+    ODE in data prediction, with lambda = log(alpha / sigma) and h = lambda_s - lambda_t:
+    x_s = (sigma_s / sigma_t) x_t + alpha_s (1 - e^{-h}) D, where D = x0_hat on the first step and
+    D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_prev after it (r = h_prev / h). Deterministic."""
+    times = _check_grid(ts)
+    x = noise
+    x0_prev: torch.Tensor | None = None
+    h_prev = 0.0
+    for i, (t, s) in enumerate(zip(times[:-1], times[1:], strict=True)):
+        x0 = denoise(x, _time(t, x))
+        if callback is not None:
+            callback(i, _time(t, x), x, x0)
+        if s <= 0.0:
+            x = x0
+        else:
+            _, sigma_t, lam_t = _scales(schedule, t)
+            alpha_s, sigma_s, lam_s = _scales(schedule, s)
+            h = 0.5 * (lam_s - lam_t)  # lambda = logsnr / 2
+            if x0_prev is None:
+                d = x0
+            else:
+                r = h_prev / h
+                d = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
+            x = (sigma_s / sigma_t) * x - (alpha_s * math.expm1(-h)) * d
+            x0_prev, h_prev = x0, h
+        if project is not None:
+            x = project(x, _time(s, x))
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "ancestral": sample_ancestral,
+    "ddim": sample_ddim,
+    "dpmpp-2m": sample_dpmpp_2m,
+}
+
+
+def get_sampler(name: str) -> Callable[..., torch.Tensor]:
+    """The sampler registered under `name`; a ValueError names the valid ones otherwise."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+def sample(
+    name: str,
+    denoise: DenoiseFn,
+    noise: torch.Tensor,
+    ts: torch.Tensor,
+    schedule: CosineSchedule,
+    generators: Sequence[torch.Generator] | None = None,
+    callback: Callback | None = None,
+    project: ProjectFn | None = None,
+) -> torch.Tensor:
+    """Run the sampler called `name` ("ancestral", "ddim", "dpmpp-2m") with the shared signature."""
+    return get_sampler(name)(
+        denoise, noise, ts, schedule, generators=generators, callback=callback, project=project
+    )
