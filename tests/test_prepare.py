@@ -1,0 +1,177 @@
+"""`medsyn prepare`: cache layout, given masks, resuming, CT-RATE rescale, every bad-input kind, the CLI."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from test_segment import tiny_chest
+
+from medsyn.cli import main
+from medsyn.data import cache
+from medsyn.data.channels import decode_volume, encode_lobes
+from medsyn.data.nifti import save_nifti
+from medsyn.data.prepare import PrepareOptions, parse_fractions, prepare
+from medsyn.data.preprocess import PreprocessConfig
+from medsyn.errors import ConfigError, DataError
+
+COLUMNS = ["id", "ct", "lobes", "airway", "vessels", "findings", "impression"]
+FLIPPED = np.diag([-1.0, 1.0, 1.0, 1.0])  # LAS, like many scanners' NIfTI exports
+OPTIONS = dict(preprocess=PreprocessConfig(size=32, spacing_mm=1.0), progress=False)
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def add_subject(root: Path, sid: str, hu: np.ndarray, affine=FLIPPED, **masks) -> dict:
+    (root / sid).mkdir(parents=True, exist_ok=True)
+    save_nifti(root / sid / "ct.nii.gz", hu, affine, dtype=np.float32)
+    row = {"id": sid, "ct": f"{sid}/ct.nii.gz", "findings": f"Findings of {sid}.", "impression": "Normal."}
+    for name, mask in masks.items():
+        save_nifti(root / sid / f"{name}.nii.gz", mask, affine, dtype=np.uint8)
+        row[name] = f"{sid}/{name}.nii.gz"
+    return row
+
+
+@pytest.fixture(scope="module")
+def chest() -> dict[str, np.ndarray]:
+    return tiny_chest(32)
+
+
+def test_cache_layout_and_given_masks(tmp_path: Path, chest):
+    given_lobes = (chest["left"] * 1 + chest["right"] * 4).astype(np.uint8)
+    rows = [
+        add_subject(tmp_path / "in", "a", chest["hu"], lobes=given_lobes),
+        add_subject(tmp_path / "in", "b", chest["hu"]),
+    ]
+    manifest = write_rows(tmp_path / "in" / "manifest.csv", rows)
+    result = prepare(manifest, tmp_path / "cache", PrepareOptions(**OPTIONS))
+    assert result.done == ["a", "b"] and not result.failed
+    hr = cache.load_array(tmp_path / "cache" / "a" / "hr.npy")
+    lr = cache.load_array(tmp_path / "cache" / "a" / "lr.npy")
+    assert isinstance(hr, np.memmap) and hr.dtype == np.float16 and hr.shape == (4, 32, 32, 32)
+    assert lr.shape == (4, 8, 8, 8)
+    np.testing.assert_array_equal(lr, hr[:, ::4, ::4, ::4])
+    # the given lobes come back as they are, flipped from LAS to RAS
+    np.testing.assert_array_equal(decode_volume(np.asarray(hr, np.float32))["lobes"], given_lobes[::-1])
+    np.testing.assert_allclose(hr[1], encode_lobes(given_lobes[::-1].astype(np.float32)), atol=1e-3)
+    meta = cache.read_meta(tmp_path / "cache", "a")
+    assert meta["masks"] == {"lobes": "input", "airway": "threshold", "vessels": "threshold"}
+    assert nib.aff2axcodes(np.array(meta["affine"])) == ("R", "A", "S")
+    np.testing.assert_allclose(np.array(meta["lr_affine"])[:3, :3], 4 * np.eye(3))
+    assert (tmp_path / "cache" / "b" / "report.txt").read_text().startswith("Findings: Findings of b.")
+    rows = cache.read_cache_manifest(tmp_path / "cache")
+    assert [r["id"] for r in rows] == ["a", "b"] and {r["split"] for r in rows} <= {"train", "val", "test"}
+    assert rows[1]["findings"] == "Findings of b." and Path(rows[1]["lr"]).is_file()
+
+
+def test_resume_skips_finished_subjects(tmp_path: Path, chest):
+    rows = [add_subject(tmp_path / "in", sid, chest["hu"]) for sid in ("a", "b", "c")]
+    manifest = write_rows(tmp_path / "in" / "manifest.csv", rows)
+    out = tmp_path / "cache"
+    first = prepare(manifest, out, PrepareOptions(limit=2, **OPTIONS))
+    assert first.done == ["a", "b"]
+    mtime = (out / "a" / "hr.npy").stat().st_mtime_ns
+    (out / ".c.half-written.tmp").mkdir()  # an interrupted write never counts as finished
+    second = prepare(manifest, out, PrepareOptions(**OPTIONS))
+    assert second.skipped == ["a", "b"] and second.done == ["c"]
+    assert (out / "a" / "hr.npy").stat().st_mtime_ns == mtime
+    assert [r["id"] for r in cache.read_cache_manifest(out)] == ["a", "b", "c"]
+
+
+def test_every_bad_input_kind_is_listed(tmp_path: Path, chest):
+    root = tmp_path / "in"
+    rows = [add_subject(root, "good", chest["hu"])]
+    rows.append(add_subject(root, "unreadable", chest["hu"]))
+    (root / "unreadable" / "ct.nii.gz").write_bytes(b"this is not a NIfTI file")
+    rows.append(add_subject(root, "truncated", chest["hu"]))
+    data = (root / "truncated" / "ct.nii.gz").read_bytes()
+    (root / "truncated" / "ct.nii.gz").write_bytes(data[: len(data) // 2])
+    rows.append(add_subject(root, "fourd", np.zeros((8, 8, 8, 2), np.float32)))
+    nan = chest["hu"].copy()
+    nan[3, 4, 5] = np.nan
+    rows.append(add_subject(root, "nan", nan))
+    rows.append(add_subject(root, "shape", chest["hu"], airway=np.zeros((8, 8, 8), np.uint8)))
+    rows.append({**add_subject(root, "noreport", chest["hu"]), "findings": "", "impression": ""})
+    rows.append({**add_subject(root, "nofile", chest["hu"]), "vessels": "nofile/missing.nii.gz"})
+    manifest = write_rows(root / "manifest.csv", rows)
+    result = prepare(manifest, tmp_path / "cache", PrepareOptions(**OPTIONS))
+    assert result.done == ["good"]
+    with open(tmp_path / "cache" / "failed.csv") as f:
+        reasons = {r["id"]: r["reason"] for r in csv.DictReader(f)}
+    assert set(reasons) == {"unreadable", "truncated", "fourd", "nan", "shape", "noreport", "nofile"}
+    assert "cannot read as NIfTI" in reasons["unreadable"]
+    assert "cannot read as NIfTI" in reasons["truncated"]
+    assert "expected a 3-D volume" in reasons["fourd"]
+    assert "NaN" in reasons["nan"]
+    assert "mask shape mismatch" in reasons["shape"] and "airway" in reasons["shape"]
+    assert "missing report" in reasons["noreport"] and "row 8" in reasons["noreport"]
+    assert "column 'vessels'" in reasons["nofile"] and "row 9" in reasons["nofile"]
+    assert [r["id"] for r in cache.read_cache_manifest(tmp_path / "cache")] == ["good"]
+
+
+def test_ctrate_rescale_and_spacing(tmp_path: Path, chest):
+    root = tmp_path / "ctrate"
+    (root / "vols").mkdir(parents=True)
+    stored = np.rint(chest["hu"] + 1024).astype(np.int16)  # raw stored values, intercept -1024
+    save_nifti(root / "vols" / "valid_1_a_1.nii.gz", stored, np.diag([2.0, 2.0, 2.0, 1.0]))
+    (root / "valid_reports.csv").write_text(
+        "VolumeName,Findings_EN,Impressions_EN\nvalid_1_a_1.nii.gz,Clear.,Normal.\n"
+    )
+    (root / "valid_metadata.csv").write_text(
+        'VolumeName,RescaleSlope,RescaleIntercept,XYSpacing,ZSpacing\nvalid_1_a_1.nii.gz,1,-1024,"[1.0, 1.0]",1.0\n'
+    )
+    prepare(root, tmp_path / "cache", PrepareOptions(**OPTIONS))
+    meta = cache.read_meta(tmp_path / "cache", "valid_1_a_1")
+    assert meta["impression"] == "Normal." and meta["spacing_mm"] == 1.0
+    ct = decode_volume(
+        np.asarray(cache.load_array(tmp_path / "cache" / "valid_1_a_1" / "hr.npy"), np.float32)
+    )["ct"]
+    # metadata spacing 1 mm (not the header's 2 mm): the 32^3 volume fills the 32^3 grid
+    np.testing.assert_allclose(ct, np.clip(np.rint(chest["hu"]), -1024, 600), atol=3)
+
+
+def test_cli_exit_codes(tmp_path: Path, chest, capsys):
+    rows = [add_subject(tmp_path / "in", "a", chest["hu"])]
+    manifest = write_rows(tmp_path / "in" / "manifest.csv", rows)
+    args = ["prepare", "--input", str(manifest), "--size", "32", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "ok")]) == 0
+    assert "prepared 1" in capsys.readouterr().out
+    (tmp_path / "in" / "a" / "ct.nii.gz").write_bytes(b"junk")
+    assert main([*args, "--out", str(tmp_path / "bad")]) == 1  # every subject failed
+    (tmp_path / "in" / "manifest.csv").write_text("id,ct\na,a/ct.nii.gz\n")
+    assert main([*args, "--out", str(tmp_path / "bad")]) == 2
+    assert "missing column" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "x"), "--size", "30"]) == 2  # not divisible by 4
+
+
+def test_parallel_workers(tmp_path: Path, chest):
+    rows = [add_subject(tmp_path / "in", sid, chest["hu"]) for sid in ("a", "b", "c")]
+    rows[2]["ct"] = "c/missing.nii.gz"
+    manifest = write_rows(tmp_path / "in" / "manifest.csv", rows)
+    result = prepare(manifest, tmp_path / "cache", PrepareOptions(workers=2, **OPTIONS))
+    assert result.done == ["a", "b"] and [f["id"] for f in result.failed] == ["c"]
+    a = np.load(tmp_path / "cache" / "a" / "hr.npy")
+    np.testing.assert_array_equal(a, np.load(tmp_path / "cache" / "b" / "hr.npy"))
+
+
+def test_splits_and_options():
+    splits = [cache.split_for(f"s{i}") for i in range(2000)]
+    assert cache.split_for("s1") == splits[1]  # deterministic
+    assert 0.75 < splits.count("train") / 2000 < 0.85 and splits.count("val") > 100
+    assert {cache.split_for(f"s{i}", (0, 1, 0)) for i in range(50)} == {"val"}
+    assert parse_fractions("0.7,0.2,0.1") == (0.7, 0.2, 0.1)
+    with pytest.raises(ConfigError, match="three numbers"):
+        parse_fractions("0.5,0.5")
+    with pytest.raises(ConfigError, match="workers"):
+        PrepareOptions(workers=0)
+    with pytest.raises(DataError, match="no cache manifest"):
+        cache.read_cache_manifest("/nonexistent")
