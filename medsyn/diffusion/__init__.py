@@ -1,0 +1,41 @@
+"""Diffusion core: cosine schedule in continuous time, x0/eps/v denoiser, per-sample loss,
+classifier-free guidance and samplers sharing one signature.
+
+Everything talks through one interface, `denoise(x, t) -> x0` with x (B, C, ...) and t (B,) in [0, 1],
+and works unchanged for 2-D images and 3-D volumes.
+"""
+
+from medsyn.diffusion.denoiser import PARAMETERIZATIONS, Denoiser
+from medsyn.diffusion.guidance import ClassifierFreeGuidance, guided_denoiser
+from medsyn.diffusion.loss import DiffusionLoss, sample_times
+from medsyn.diffusion.sampling import (
+    SAMPLERS,
+    get_sampler,
+    randn_per_sample,
+    sample,
+    sample_ancestral,
+    sample_ddim,
+    sample_dpmpp_2m,
+)
+from medsyn.diffusion.schedule import SCHEDULES, CosineSchedule, append_dims, build_schedule, time_grid
+
+__all__ = [
+    "PARAMETERIZATIONS",
+    "SAMPLERS",
+    "SCHEDULES",
+    "ClassifierFreeGuidance",
+    "CosineSchedule",
+    "Denoiser",
+    "DiffusionLoss",
+    "append_dims",
+    "build_schedule",
+    "get_sampler",
+    "guided_denoiser",
+    "randn_per_sample",
+    "sample",
+    "sample_ancestral",
+    "sample_ddim",
+    "sample_dpmpp_2m",
+    "sample_times",
+    "time_grid",
+]
