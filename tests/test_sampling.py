@@ -192,14 +192,8 @@ def test_ddim_with_eta_one_is_ancestral_sampling():
     a = sample_ancestral(
         gaussian_denoise, noise, ts, SCHED, generators=[torch.Generator().manual_seed(i) for i in (0, 1)]
     )
-    b = sample_ddim(
-        gaussian_denoise,
-        noise,
-        ts,
-        SCHED,
-        generators=[torch.Generator().manual_seed(i) for i in (0, 1)],
-        eta=1.0,
-    )
+    gens = [torch.Generator().manual_seed(i) for i in (0, 1)]
+    b = sample("ddim", gaussian_denoise, noise, ts, SCHED, generators=gens, eta=1.0)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 

@@ -202,8 +202,10 @@ def sample(
     generators: Sequence[torch.Generator] | None = None,
     callback: Callback | None = None,
     project: ProjectFn | None = None,
+    **options: float,
 ) -> torch.Tensor:
-    """Run the sampler called `name` ("ancestral", "ddim", "dpmpp-2m") with the shared signature."""
+    """Run the sampler called `name` ("ancestral", "ddim", "dpmpp-2m") with the shared signature;
+    `options` go to that sampler only (e.g. eta for "ddim")."""
     return get_sampler(name)(
-        denoise, noise, ts, schedule, generators=generators, callback=callback, project=project
+        denoise, noise, ts, schedule, generators=generators, callback=callback, project=project, **options
     )
