@@ -17,12 +17,20 @@ from medsyn.diffusion.sampling import (
     sample_ddim,
     sample_dpmpp_2m,
 )
-from medsyn.diffusion.schedule import SCHEDULES, CosineSchedule, append_dims, build_schedule, time_grid
+from medsyn.diffusion.schedule import (
+    SCHEDULES,
+    CosineSchedule,
+    Schedule,
+    append_dims,
+    build_schedule,
+    time_grid,
+)
 
 __all__ = [
     "PARAMETERIZATIONS",
     "SAMPLERS",
     "SCHEDULES",
+    "Schedule",
     "ClassifierFreeGuidance",
     "CosineSchedule",
     "Denoiser",

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medsyn.diffusion.schedule import CosineSchedule, append_dims
+from medsyn.diffusion.schedule import Schedule, append_dims
 
 PARAMETERIZATIONS: tuple[str, ...] = ("x0", "eps", "v")
 
@@ -76,7 +76,7 @@ class Denoiser(nn.Module):
     """
 
     def __init__(
-        self, net: nn.Module, schedule: CosineSchedule, parameterization: str = "x0", alpha_min: float = 1e-4
+        self, net: nn.Module, schedule: Schedule, parameterization: str = "x0", alpha_min: float = 1e-4
     ) -> None:
         super().__init__()
         self.net = net

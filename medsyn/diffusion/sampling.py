@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from medsyn.diffusion.schedule import CosineSchedule
+from medsyn.diffusion.schedule import Schedule
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -54,7 +54,7 @@ def _check_grid(ts: torch.Tensor) -> list[float]:
     return times
 
 
-def _scales(schedule: CosineSchedule, t: float) -> tuple[float, float, float]:
+def _scales(schedule: Schedule, t: float) -> tuple[float, float, float]:
     """(alpha, sigma, logsnr) at a scalar time, in float64."""
     t64 = torch.tensor(t, dtype=torch.float64)
     alpha, sigma = schedule.alpha_sigma(t64)
@@ -70,7 +70,7 @@ def sample_ancestral(
     denoise: DenoiseFn,
     noise: torch.Tensor,
     ts: torch.Tensor,
-    schedule: CosineSchedule,
+    schedule: Schedule,
     generators: Sequence[torch.Generator] | None = None,
     callback: Callback | None = None,
     project: ProjectFn | None = None,
@@ -110,7 +110,7 @@ def sample_ddim(
     denoise: DenoiseFn,
     noise: torch.Tensor,
     ts: torch.Tensor,
-    schedule: CosineSchedule,
+    schedule: Schedule,
     generators: Sequence[torch.Generator] | None = None,
     callback: Callback | None = None,
     project: ProjectFn | None = None,
@@ -144,7 +144,7 @@ def sample_dpmpp_2m(
     denoise: DenoiseFn,
     noise: torch.Tensor,
     ts: torch.Tensor,
-    schedule: CosineSchedule,
+    schedule: Schedule,
     generators: Sequence[torch.Generator] | None = None,
     callback: Callback | None = None,
     project: ProjectFn | None = None,
@@ -198,7 +198,7 @@ def sample(
     denoise: DenoiseFn,
     noise: torch.Tensor,
     ts: torch.Tensor,
-    schedule: CosineSchedule,
+    schedule: Schedule,
     generators: Sequence[torch.Generator] | None = None,
     callback: Callback | None = None,
     project: ProjectFn | None = None,

@@ -10,6 +10,7 @@ with the resolution shift of Hoogeboom et al., "simple diffusion" (2023).
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 
@@ -23,6 +24,18 @@ def append_dims(x: torch.Tensor, ndim: int) -> torch.Tensor:
     if missing < 0:
         raise ValueError(f"append_dims: input has {x.ndim} dims, more than the target {ndim}")
     return x[(...,) + (None,) * missing]
+
+
+class Schedule(Protocol):
+    """What the denoiser, loss and samplers need from a schedule (so other schedules can plug in)."""
+
+    name: str
+
+    def logsnr(self, t: torch.Tensor | float) -> torch.Tensor: ...
+
+    def alpha_sigma(self, t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
 
 
 class CosineSchedule:
