@@ -8,7 +8,8 @@ from torch import nn
 
 from medsyn.diffusion.denoiser import PARAMETERIZATIONS, Denoiser, target_from
 from medsyn.diffusion.loss import DiffusionLoss, sample_times
-from medsyn.diffusion.schedule import CosineSchedule, append_dims
+from medsyn.diffusion.sampling import sample_dpmpp_2m
+from medsyn.diffusion.schedule import CosineSchedule, append_dims, time_grid
 
 
 class OracleNet(nn.Module):
@@ -130,3 +131,29 @@ def test_unknown_parameterization_names_the_valid_ones():
         DiffusionLoss("score")
     with pytest.raises(ValueError, match="valid: uniform, stratified"):
         DiffusionLoss(time_sampling="sobol")
+
+
+class GaussianNet(nn.Module):
+    """Exact prediction, in a given parameterisation, for data x0 ~ N(0.3, 0.5^2)."""
+
+    def __init__(self, schedule: CosineSchedule, parameterization: str) -> None:
+        super().__init__()
+        self.schedule, self.parameterization = schedule, parameterization
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = (append_dims(v, x_t.ndim) for v in self.schedule.alpha_sigma(t))
+        x0 = 0.3 + alpha * 0.25 / (alpha**2 * 0.25 + sigma**2) * (x_t - alpha * 0.3)
+        eps = (x_t - alpha * x0) / sigma
+        return target_from(x0, eps, alpha, sigma, self.parameterization)
+
+
+def test_exact_nets_in_every_parameterization_sample_alike():
+    sched = CosineSchedule()
+    noise = torch.randn(2, 3, 6, 6, 6, dtype=torch.float64)
+    ts = time_grid(12, "logsnr", sched)
+    outs = {
+        p: sample_dpmpp_2m(Denoiser(GaussianNet(sched, p), sched, p), noise, ts, sched)
+        for p in PARAMETERIZATIONS
+    }
+    torch.testing.assert_close(outs["eps"], outs["x0"])
+    torch.testing.assert_close(outs["v"], outs["x0"])
