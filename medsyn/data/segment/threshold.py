@@ -43,8 +43,11 @@ class ThresholdSegmenter:
 
     body_hu: float = -500.0
     lung_hu: float = -400.0
-    airway_hu: tuple[float, ...] = (-950.0, -930.0, -910.0, -890.0, -870.0, -850.0)
-    airway_leak_ratio: float = 2.0
+    airway_hu_range: tuple[float, float, float] = (-990.0, -790.0, 10.0)  # start, stop, step
+    airway_leak_ratio: float = 1.2
+    airway_plateau_ratio: float = 1.1
+    airway_max_fraction: float = 0.2  # of the air in the body
+    airway_sigma: float = 0.0  # Gaussian smoothing (voxels) before growing, for noisy scans
     vessel_hu: float = -500.0
     # oblique fissure: w = oblique_posterior - oblique_slope * u, with u 0 posterior .. 1 anterior and
     # w 0 base .. 1 apex of the lung; the right horizontal fissure at w = horizontal
@@ -88,24 +91,28 @@ class ThresholdSegmenter:
         return np.array([i, j, k])
 
     def airway(self, hu: np.ndarray, air: np.ndarray) -> np.ndarray:
-        """Grow from the trachea at rising thresholds; stop before the region leaks into the lungs."""
-        smooth = ndimage.gaussian_filter(hu, 0.5)
+        """Grow from the trachea at rising thresholds; keep the last region before it leaks.
+
+        A leak is a jump in volume (> `airway_leak_ratio` per step) after the growth has levelled off
+        (a step below `airway_plateau_ratio`): the lumen is filled, so the jump is lung parenchyma.
+        """
+        smooth = ndimage.gaussian_filter(hu, self.airway_sigma) if self.airway_sigma > 0 else hu
         seed = self.trachea_seed(air, smooth)
         best = np.zeros(hu.shape, bool)
         if seed is None:
             return best
-        limit = 0.2 * air.sum()
-        for threshold in self.airway_hu:
+        limit, plateau = self.airway_max_fraction * air.sum(), False
+        for threshold in np.arange(*self.airway_hu_range):
             labels, _ = ndimage.label((smooth < threshold) & air, structure=_CONN)
-            label = labels[tuple(seed)]
-            if label == 0:
+            if labels[tuple(seed)] == 0:
                 continue
-            region = labels == label
-            size = region.sum()
-            if size > limit or (best.any() and size > self.airway_leak_ratio * best.sum()):
+            region = labels == labels[tuple(seed)]
+            ratio = region.sum() / max(best.sum(), 1)
+            if region.sum() > limit or (plateau and ratio > self.airway_leak_ratio):
                 break
+            plateau |= best.any() and ratio < self.airway_plateau_ratio
             best, used = region, threshold
-        if best.any():  # smoothing shrinks thin lumens: take back the raw-HU rim next to the region
+        if best.any() and self.airway_sigma > 0:  # smoothing shrinks thin lumens: take back the raw rim
             best |= ndimage.binary_dilation(best, structure=_CONN) & (hu < used) & air
         return best
 
