@@ -175,3 +175,33 @@ def test_splits_and_options():
         PrepareOptions(workers=0)
     with pytest.raises(DataError, match="no cache manifest"):
         cache.read_cache_manifest("/nonexistent")
+
+
+def test_dicom_series_row_and_missing_backend_package(tmp_path: Path, chest, capsys):
+    from test_readers import write_dicom_series
+
+    root = tmp_path / "in"
+    # axial series: DICOM columns run to the patient's left, rows posterior (LPS), slices superior
+    write_dicom_series(
+        root / "d" / "series", chest["hu"][::-1, ::-1], [1, 0, 0, 0, 1, 0], [0, 0, 0], (1, 1, 1)
+    )
+    row = {"id": "d", "ct": "d/series", "findings": "Clear.", "impression": "Normal."}
+    manifest = write_rows(root / "manifest.csv", [row])
+    result = prepare(manifest, tmp_path / "cache", PrepareOptions(**OPTIONS))
+    assert result.done == ["d"]
+    ct = decode_volume(np.asarray(cache.load_array(tmp_path / "cache" / "d" / "hr.npy"), np.float32))["ct"]
+    np.testing.assert_allclose(ct, np.clip(np.rint(chest["hu"]), -1024, 600), atol=3)  # back in RAS
+    code = main(["prepare", "--input", str(manifest), "--out", str(tmp_path / "c2"), "--backend", "lungmask"])
+    if code == 2:  # lungmask not installed: one line naming the install command
+        assert "pip install medsyn[seg]" in capsys.readouterr().err
+
+
+def test_phantom_folder_prepares(tmp_path: Path):
+    phantom = pytest.importorskip("medsyn.data.phantom")
+    if not hasattr(phantom, "write_dataset"):
+        pytest.skip("phantom generator not available")
+    phantom.write_dataset(tmp_path / "ph", n=2, size=32, spacing_mm=8.0, seed=0)
+    result = prepare(tmp_path / "ph" / "manifest.csv", tmp_path / "cache", PrepareOptions(**OPTIONS))
+    assert len(result.done) == 2 and not result.failed
+    meta = cache.read_meta(tmp_path / "cache", result.done[0])
+    assert set(meta["masks"].values()) == {"input"}  # the phantom gives all masks
