@@ -3,6 +3,12 @@
 MedSyn encodes the Findings and Impression sections with a BERT fine-tuned from CXR-BERT and keeps it
 frozen while the diffusion UNet trains. As in sgm's frozen embedders, the conditioner freezes itself
 and owns the condition dropout used for classifier-free guidance, and the null condition sampling uses.
+
+CXR-BERT (the default name) offline: run `hf download microsoft/BiomedVLP-CXR-BERT-specialized
+--local-dir DIR` where the hub is reachable and set the model to DIR. Its config declares a custom
+model type ("cxr-bert") whose classes live in the repository; its BERT backbone (the "bert." weights)
+loads here as a plain `BertModel` without running that code, and the projection head it adds is not
+needed for token features. trust_remote_code=True loads the repository's class instead.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from medsyn.text import cache as fcache
 DEFAULT_TEXT_MODEL = "microsoft/BiomedVLP-CXR-BERT-specialized"  # CXR-BERT, as in the paper
 NULL_KINDS = ("zero", "learned", "empty")
 PADDINGS = ("longest", "max_length")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
 Cond = dict[str, torch.Tensor]
 
 
@@ -92,10 +99,14 @@ def load_text_model(
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise DataError(f"text model directory {path} has no config.json (not a Hugging Face model)")
-        if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.txt")):
-            raise DataError(f"text model directory {path} has no tokenizer (tokenizer.json or vocab.txt)")
+        if not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise DataError(
+                f"text model directory {path} has no tokenizer (one of {', '.join(TOKENIZER_FILES)})"
+            )
         source = str(path)
-    elif _looks_like_path(name) or path.exists():
+    elif path.exists():
+        raise DataError(f"text model {name!r} is a file; expected a model directory or a hub name")
+    elif _looks_like_path(name):
         raise _not_found(name, "there is no such directory")
     else:
         source = name
@@ -230,7 +241,8 @@ class TextConditioner(nn.Module):
         mask = inputs["attention_mask"].bool()  # (B, L), True = real token
         return {"context": hidden * mask[..., None], "context_mask": mask}
 
-    def _length(self, longest: int) -> int | None:
+    def _length(self, longest: int) -> int:
+        """The batch length: max_length under "max_length" padding, else the longest text."""
         return self.max_length if self.padding == "max_length" else max(longest, 1)
 
     def encode_cached(self, texts: str | Sequence[str]) -> Cond:
