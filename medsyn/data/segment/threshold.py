@@ -128,18 +128,24 @@ class ThresholdSegmenter:
         return fill_slices(closed)
 
     def split_left_right(self, lungs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(left, right) lungs: two components, separated by erosion where they touch."""
-        mask = lungs
+        """(left, right) lungs: two components, separated by erosion where they touch.
+
+        Voxels outside the two (eroded) components go to the nearer one.
+        """
+        if not lungs.any():
+            return lungs, lungs
+        box = ndimage.find_objects(lungs.astype(np.uint8))[0]
+        region, mask = lungs[box], lungs[box]
         for _ in range(8):
             parts = largest_components(mask, count=2)
             if len(parts) == 2 and parts[1].sum() >= 0.2 * parts[0].sum():
-                seeds = np.zeros(lungs.shape, np.int8)
-                for i, part in enumerate(parts, start=1):
-                    seeds[part] = i
-                _, nearest = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
-                owner = seeds[tuple(nearest)] * lungs
-                a, b = owner == 1, owner == 2
-                xa, xb = np.argwhere(a)[:, 0].mean(), np.argwhere(b)[:, 0].mean()
+                seeds = parts[0] * np.int8(1) + parts[1] * np.int8(2)
+                if (seeds > 0).sum() < region.sum():
+                    _, nearest = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
+                    seeds = seeds[tuple(nearest)] * region
+                a, b = np.zeros_like(lungs), np.zeros_like(lungs)
+                a[box], b[box] = seeds == 1, seeds == 2
+                xa, xb = np.argwhere(seeds == 1)[:, 0].mean(), np.argwhere(seeds == 2)[:, 0].mean()
                 return (a, b) if xa < xb else (b, a)  # RAS: larger x is the patient's right
             mask = ndimage.binary_erosion(mask, structure=_CONN)
         xs = np.argwhere(lungs)[:, 0]
