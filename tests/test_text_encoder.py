@@ -314,3 +314,30 @@ def test_invalid_settings(model_dir):
         TextConditioner(model_dir, max_length=1024)
     with pytest.raises(ConfigError, match="padding"):
         TextConditioner(model_dir, padding="shortest")
+
+
+def test_context_feeds_the_unet_cross_attention(model_dir):
+    from medsyn.nn.unet import UNet
+
+    cond = TextConditioner(model_dir, null="learned", null_length=2, ucg_rate=1.0)
+    net = UNet(
+        spatial_dims=3,
+        num_channels=[8, 16],
+        num_res_blocks=1,
+        num_head_channels=8,
+        norm_num_groups=4,
+        cross_attention_dim=cond.hidden_size,
+        pooled_text=True,
+    )
+    torch.manual_seed(0)
+    with torch.no_grad():  # the UNet zero-initialises its output and attention projections
+        for p in net.parameters():
+            p.normal_(0.0, 0.2)
+    x, t = torch.randn(2, 4, 8, 8, 8), torch.rand(2)
+    texts = ["large right pleural effusion", "no effusion. heart size normal"]
+    with torch.no_grad():
+        y_text = net(x, t, **cond(texts))
+        y_null = net(x, t, **cond.null_condition(2))
+    assert y_text.shape == x.shape and not torch.allclose(y_text, y_null)
+    net(x, t, **cond(texts, ucg=True)).square().mean().backward()  # every sample dropped: null trains
+    assert cond.null_context.grad.abs().sum() > 0
