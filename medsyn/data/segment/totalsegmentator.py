@@ -75,9 +75,10 @@ def _import_api():
 
 
 class TotalSegmentatorBackend:
-    """Runs TotalSegmentator (v2 API: NIfTI image in, multilabel image out) twice per volume."""
+    """Runs TotalSegmentator twice per volume (v2 `python_api.totalsegmentator`: Nifti1Image in, multilabel
+    Nifti1Image out with `ml=True`; `device="gpu"` falls back to the CPU there)."""
 
-    def __init__(self, fast: bool = False, device: str = "cpu", version: int = 2) -> None:
+    def __init__(self, fast: bool = False, device: str = "gpu", version: int = 2) -> None:
         _check_version(version)
         self.fast, self.device, self.version = fast, device, version
         self._run = _import_api()  # fail at construction, before any worker starts
