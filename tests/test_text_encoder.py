@@ -124,7 +124,7 @@ def test_truncation_and_max_length_padding(model_dir):
 
 
 def test_frozen_eval_and_only_learned_null_trains(model_dir):
-    cond = TextConditioner(model_dir, null="learned", null_length=3, ucg_rate=0.5, cache_size=0)
+    cond = TextConditioner(model_dir, null_kind="learned", null_length=3, ucg_rate=0.5, cache_size=0)
     trainable = [n for n, p in cond.named_parameters() if p.requires_grad]
     assert trainable == ["null_context"]
     cond.train()
@@ -143,7 +143,7 @@ def test_frozen_eval_and_only_learned_null_trains(model_dir):
 
 
 def test_ucg_rate_one_always_null_zero_never(model_dir):
-    cond = TextConditioner(model_dir, null="zero")
+    cond = TextConditioner(model_dir, null_kind="zero")
     enc = cond.encode(REPORTS[:5])
     always = cond.apply_ucg(enc, rate=1.0)
     null = cond.null_condition(5, length=enc["context"].shape[1])
@@ -182,13 +182,13 @@ def test_null_kinds(model_dir, cond):
     padded = cond.null_condition(2, length=6)
     assert padded["context_mask"][0].tolist() == [True] + [False] * 5
 
-    learned = TextConditioner(model_dir, null="learned", null_length=4)
+    learned = TextConditioner(model_dir, null_kind="learned", null_length=4)
     out = learned.null_condition(3)
     assert out["context"].shape == (3, 4, HIDDEN) and out["context_mask"].all()
     assert out["context"].requires_grad
     assert "null_context" in learned.state_dict()
 
-    empty = TextConditioner(model_dir, null="empty")
+    empty = TextConditioner(model_dir, null_kind="empty")
     ref = empty.encode("")
     out = empty.null_condition(2)
     torch.testing.assert_close(out["context"][0], ref["context"][0])
@@ -196,18 +196,18 @@ def test_null_kinds(model_dir, cond):
     with pytest.raises(ValueError, match="more than 1"):
         empty.null_condition(1, length=1)
     with pytest.raises(ConfigError, match="null"):
-        TextConditioner(model_dir, null="random")
+        TextConditioner(model_dir, null_kind="random")
 
 
 def test_learned_null_gets_a_gradient_even_when_nothing_is_dropped(model_dir):
-    cond = TextConditioner(model_dir, null="learned")
+    cond = TextConditioner(model_dir, null_kind="learned")
     out = cond.apply_ucg(cond.encode(REPORTS[:2]), rate=0.0)
     out["context"].sum().backward()  # distributed training needs the parameter in every graph
     assert cond.null_context.grad is not None and torch.all(cond.null_context.grad == 0)
 
 
 def test_ucg_pads_when_null_is_longer(model_dir):
-    cond = TextConditioner(model_dir, null="learned", null_length=10)
+    cond = TextConditioner(model_dir, null_kind="learned", null_length=10)
     enc = cond.encode(["effusion", "no nodule"])  # 3 and 4 tokens
     out = cond.apply_ucg(enc, rate=1.0)
     assert out["context"].shape == (2, 10, HIDDEN) and out["context_mask"].all()
@@ -298,7 +298,7 @@ def test_cxr_bert_like_directory_loads_its_bert_backbone(tmp_path, model_dir):
 
 
 def test_state_dict_leaves_out_the_frozen_encoder(model_dir):
-    cond = TextConditioner(model_dir, null="learned")
+    cond = TextConditioner(model_dir, null_kind="learned")
     assert list(cond.state_dict()) == ["null_context"]
     state = {"null_context": torch.ones_like(cond.null_context)}
     cond.load_state_dict(state)  # strict: the encoder keeps its loaded weights
@@ -319,7 +319,7 @@ def test_invalid_settings(model_dir):
 def test_context_feeds_the_unet_cross_attention(model_dir):
     from medsyn.nn.unet import UNet
 
-    cond = TextConditioner(model_dir, null="learned", null_length=2, ucg_rate=1.0)
+    cond = TextConditioner(model_dir, null_kind="learned", null_length=2, ucg_rate=1.0)
     net = UNet(
         spatial_dims=3,
         num_channels=[8, 16],

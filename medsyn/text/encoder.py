@@ -157,7 +157,7 @@ class TextConditioner(nn.Module):
     max_length: token budget (the paper's code keeps 192); longer reports are truncated.
     padding: "longest" pads to the longest text in the batch, "max_length" always to max_length.
     ucg_rate: probability that a training sample's condition is replaced by the null condition.
-    null: "zero" (zero features, only the first token valid so attention is defined), "learned"
+    null_kind: "zero" (zero features, only the first token valid so attention is defined), "learned"
         (a trainable (null_length, H) parameter, all tokens valid) or "empty" (the encoding of "").
     cache_size: entries of the per-text LRU feature cache used by `forward` (0 disables it).
     save_encoder: keep the frozen encoder's weights in `state_dict` (by default they are left out
@@ -170,7 +170,7 @@ class TextConditioner(nn.Module):
         max_length: int = 192,
         padding: str = "longest",
         ucg_rate: float = 0.1,
-        null: str = "zero",
+        null_kind: str = "zero",
         null_length: int = 1,
         cache_size: int = 256,
         trust_remote_code: bool = False,
@@ -180,8 +180,8 @@ class TextConditioner(nn.Module):
         super().__init__()
         if padding not in PADDINGS:
             raise ConfigError(f"text padding must be one of {PADDINGS}, got {padding!r}")
-        if null not in NULL_KINDS:
-            raise ConfigError(f"text null condition must be one of {NULL_KINDS}, got {null!r}")
+        if null_kind not in NULL_KINDS:
+            raise ConfigError(f"text null_kind must be one of {NULL_KINDS}, got {null_kind!r}")
         if not 0.0 <= ucg_rate <= 1.0:
             raise ConfigError(f"text ucg_rate must be in [0, 1], got {ucg_rate}")
         if max_length < 2:
@@ -197,12 +197,12 @@ class TextConditioner(nn.Module):
             raise ConfigError(f"text max_length {max_length} exceeds the {limit} positions of {model}")
         self.encoder = encoder.eval().requires_grad_(False)
         self.hidden_size = int(encoder.config.hidden_size)
-        self.max_length, self.padding, self.ucg_rate, self.null = max_length, padding, float(ucg_rate), null
+        self.max_length, self.padding, self.ucg_rate, self.null_kind = max_length, padding, float(ucg_rate), null_kind
         self.save_encoder = save_encoder
         self._cache = fcache.FeatureCache(cache_size)
-        if null == "learned":
+        if null_kind == "learned":
             self.null_context = nn.Parameter(torch.randn(null_length, self.hidden_size) * 0.02)  # (L0, H)
-        elif null == "empty":
+        elif null_kind == "empty":
             empty = self.encode([""])
             self.register_buffer(
                 "empty_context", empty["context"][0, empty["context_mask"][0]], persistent=False
@@ -222,7 +222,7 @@ class TextConditioner(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"model={self.model_name!r}, hidden_size={self.hidden_size}, max_length={self.max_length}, "
-            f"padding={self.padding!r}, null={self.null!r}, ucg_rate={self.ucg_rate}"
+            f"padding={self.padding!r}, null_kind={self.null_kind!r}, ucg_rate={self.ucg_rate}"
         )
 
     @torch.no_grad()
@@ -278,9 +278,9 @@ class TextConditioner(nn.Module):
 
     def _null(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The unpadded null condition: features (L0, H) and mask (L0,)."""
-        if self.null == "learned":
+        if self.null_kind == "learned":
             ctx = self.null_context
-        elif self.null == "empty":
+        elif self.null_kind == "empty":
             ctx = self.empty_context
         else:
             ctx = torch.zeros(1, self.hidden_size, device=self.device)
@@ -295,7 +295,7 @@ class TextConditioner(nn.Module):
         ctx, mask = self._null()
         length = self._length(ctx.shape[0]) if length is None else length
         if length < ctx.shape[0]:
-            raise ValueError(f"the {self.null} null condition has {ctx.shape[0]} tokens, more than {length}")
+            raise ValueError(f"the {self.null_kind} null condition has {ctx.shape[0]} tokens, more than {length}")
         null = _pad({"context": ctx[None], "context_mask": mask[None]}, length)
         return {k: v.expand(batch_size, *v.shape[1:]) for k, v in null.items()}
 
