@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from medsyn.data.cache import SPLITS, load_array, read_cache_manifest
 from medsyn.errors import ConfigError, DataError
+from medsyn.training.sampler import ResumableSampler
 
 TEXT_MODES = ("findings", "impression", "both")
 UPSAMPLE_MODES = ("nearest", "trilinear")
@@ -69,7 +70,8 @@ class BaseDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, _ = _split_key(key)
         row = self.rows[index]
         lr = load_array(row["lr"])
         if self.size is not None and lr.shape[1:] != (self.size,) * 3:
@@ -100,13 +102,15 @@ class SRDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _corner(self, index: int, shape: tuple[int, ...]) -> list[int]:
-        if self.random_crops:
+    def _corner(self, index: int, draw: int | None, shape: tuple[int, ...]) -> list[int]:
+        if self.random_crops and draw is None:
             return [int(torch.randint(0, n - self.crop + 1, ())) for n in shape]
-        rng = np.random.default_rng((self.seed, index))
+        # seeded by the sampler's draw id (training) or the index (evaluation): reproducible
+        rng = np.random.default_rng((self.seed, index) if draw is None else (self.seed, 1, draw))
         return [int(rng.integers(0, n - self.crop + 1)) for n in shape]
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, draw = _split_key(key)
         row = self.rows[index]
         hr, lr = load_array(row["hr"]), load_array(row["lr"])
         if min(hr.shape[1:]) < self.crop:
@@ -114,7 +118,7 @@ class SRDataset(Dataset):
                 f"crop_size={self.crop} exceeds the cached volume {hr.shape[1:]} of {row['id']}"
             )
         factor = hr.shape[1] // lr.shape[1]
-        a = self._corner(index, hr.shape[1:])
+        a = self._corner(index, draw if self.random_crops else None, hr.shape[1:])
         c = self.crop
         x = np.asarray(hr[:, a[0] : a[0] + c, a[1] : a[1] + c, a[2] : a[2] + c], dtype=np.float32)
         lowres = upsampled_crop(lr, a, c, factor, self.mode)
@@ -124,6 +128,13 @@ class SRDataset(Dataset):
             "text": report_text(row, self.text),
             "id": row["id"],
         }
+
+
+def _split_key(key: int | tuple[int, int]) -> tuple[int, int | None]:
+    """Dataset keys are an index, or `(index, draw)` from `ResumableSampler` (draw seeds augmentation)."""
+    if isinstance(key, tuple):
+        return int(key[0]), int(key[1])
+    return int(key), None
 
 
 def seed_worker(worker_id: int) -> None:
@@ -157,16 +168,34 @@ class CacheDataModule(pl.LightningDataModule):
         dataset = self.datasets[split]
         if len(dataset) == 0:
             return []  # Lightning skips an empty split
+        sampler = None
+        if shuffle:
+            sampler = self._train_sampler(len(dataset))
+            shuffle = False
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             worker_init_fn=seed_worker,
             generator=torch.Generator().manual_seed(self.seed),
             persistent_workers=self.num_workers > 0,
-            drop_last=shuffle and len(dataset) >= self.batch_size,
+            drop_last=sampler is not None and len(dataset) >= self.batch_size,
         )
+
+    def _train_sampler(self, n: int) -> ResumableSampler:
+        """Order from (seed, epoch), split across ranks; after a mid-epoch resume, skip what was consumed."""
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = ResumableSampler(n, self.seed, rank, world, shuffle=True, batch_size=self.batch_size)
+        if trainer is not None:
+            sampler.set_epoch(trainer.current_epoch)
+            # batches the interrupted run processed in this epoch (a checkpoint written at a batch's end
+            # counts it as processed but not yet completed)
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            sampler.skip(done * self.batch_size)
+        return sampler
 
     def train_dataloader(self):
         return self._loader("train", shuffle=True)

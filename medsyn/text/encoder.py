@@ -197,7 +197,12 @@ class TextConditioner(nn.Module):
             raise ConfigError(f"text max_length {max_length} exceeds the {limit} positions of {model}")
         self.encoder = encoder.eval().requires_grad_(False)
         self.hidden_size = int(encoder.config.hidden_size)
-        self.max_length, self.padding, self.ucg_rate, self.null_kind = max_length, padding, float(ucg_rate), null_kind
+        self.max_length, self.padding, self.ucg_rate, self.null_kind = (
+            max_length,
+            padding,
+            float(ucg_rate),
+            null_kind,
+        )
         self.save_encoder = save_encoder
         self._cache = fcache.FeatureCache(cache_size)
         if null_kind == "learned":
@@ -253,12 +258,12 @@ class TextConditioner(nn.Module):
             item = self._cache.get(t)
             if item is not None:
                 found[t] = item
-        missing = [t for t in dict.fromkeys(texts) if t not in found]
-        if missing:
-            new = self.encode(missing)
-            for i, t in enumerate(missing):
-                found[t] = new["context"][i, new["context_mask"][i]]  # (L_i, H)
-                self._cache.put(t, found[t])
+        for t in (t for t in dict.fromkeys(texts) if t not in found):
+            # one text per encoder call: its features never depend on which reports shared its batch
+            # (batched, padded matmuls differ in the last bits), so runs and resumed runs agree exactly
+            new = self.encode([t])
+            found[t] = new["context"][0, new["context_mask"][0]]  # (L_i, H)
+            self._cache.put(t, found[t])
         feats = [found[t].to(self.device) for t in texts]
         return fcache.collate(feats, self._length(max(f.shape[0] for f in feats)))
 
@@ -295,7 +300,9 @@ class TextConditioner(nn.Module):
         ctx, mask = self._null()
         length = self._length(ctx.shape[0]) if length is None else length
         if length < ctx.shape[0]:
-            raise ValueError(f"the {self.null_kind} null condition has {ctx.shape[0]} tokens, more than {length}")
+            raise ValueError(
+                f"the {self.null_kind} null condition has {ctx.shape[0]} tokens, more than {length}"
+            )
         null = _pad({"context": ctx[None], "context_mask": mask[None]}, length)
         return {k: v.expand(batch_size, *v.shape[1:]) for k, v in null.items()}
 

@@ -1,0 +1,285 @@
+"""Lightning callbacks of a medsyn run: EMA with export, throughput, previews of samples."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from medsyn.training.export import WEIGHTS_FILE, export_weights
+from medsyn.training.module import DiffusionModule, voxels
+
+
+class EMA(Callback):
+    """Exponential moving average of the denoiser's weights (torch's AveragedModel, multi-tensor lerp).
+
+    Only the denoiser is averaged: the frozen text encoder is not copied (a second BERT would cost
+    memory and nothing else). The average is swapped in for validation, saved in checkpoints under
+    `medsyn_ema`, and copied into the model when training ends, so the exported weights are EMA.
+    """
+
+    def __init__(
+        self,
+        decay: float = 0.9999,
+        update_every_n_steps: int = 1,
+        update_starting_at_step: int = 0,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.decay = float(decay)
+        self.update_every_n_steps = max(1, int(update_every_n_steps))
+        self.update_starting_at_step = int(update_starting_at_step)
+        self.device = device
+        self.model: AveragedModel | None = None
+        self._pending: dict | None = None
+        self._last_step = -1
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and self.model is None:
+            self.model = AveragedModel(
+                pl_module.denoiser,
+                device=self.device,
+                multi_avg_fn=get_ema_multi_avg_fn(self.decay),
+                use_buffers=True,
+            )
+            if self._pending is not None:
+                self.model.load_state_dict(self._pending)
+                self._pending = None
+
+    def averaged(self) -> torch.nn.Module | None:
+        """The averaged denoiser, or None before fit starts."""
+        return None if self.model is None else self.model.module
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step  # optimizer steps so far; unchanged while gradients accumulate
+        if step == self._last_step or step <= self.update_starting_at_step:
+            return
+        self._last_step = step
+        if (step - 1) % self.update_every_n_steps == 0:
+            self.model.update_parameters(pl_module.denoiser)
+
+    def _swap(self, pl_module) -> None:
+        for avg, cur in zip(_tensors(self.model.module), _tensors(pl_module.denoiser), strict=True):
+            tmp = avg.detach().clone()
+            avg.detach().copy_(cur.detach())
+            cur.detach().copy_(tmp)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if self.model is not None and trainer.state.fn == "fit":
+            self._swap(pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self.model is not None and trainer.state.fn == "fit":
+            self._swap(pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for avg, cur in zip(_tensors(self.model.module), _tensors(pl_module.denoiser), strict=True):
+            cur.detach().copy_(avg.detach())
+
+    def state_dict(self) -> dict:
+        return {"last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._last_step = int(state_dict.get("last_step", -1))
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self.model is not None:
+            checkpoint["medsyn_ema"] = self.model.state_dict()
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        state = checkpoint.get("medsyn_ema")
+        if state is None:
+            return
+        if self.model is None:
+            self._pending = state
+        else:
+            self.model.load_state_dict(state)
+
+
+def _tensors(module: torch.nn.Module):
+    return itertools.chain(module.parameters(), module.buffers())
+
+
+class SaveLastOnEnd(Callback):
+    """Save `checkpoints/last.ckpt` when fit ends between periodic checkpoints, so any run can be continued.
+
+    Must come before the EMA callback, whose `on_train_end` copies the averaged weights into the model.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        saved = trainer.checkpoint_callback
+        if (
+            saved is not None
+            and saved.last_model_path
+            and getattr(saved, "_last_global_step_saved", -1) == trainer.global_step
+        ):
+            return
+        trainer.save_checkpoint(self.path)
+
+
+class ExportWeights(Callback):
+    """Write `run_dir/model.safetensors` (EMA weights when EMA is on) every N steps and at the end."""
+
+    def __init__(
+        self, run_dir: str | Path, config: Mapping[str, Any], every_n_steps: int, ema: EMA | None
+    ) -> None:
+        self.path = Path(run_dir) / WEIGHTS_FILE
+        self.config, self.every_n_steps, self.ema = dict(config), every_n_steps, ema
+        self._last = -1
+
+    @rank_zero_only
+    def export(self, pl_module: DiffusionModule, step: int, denoiser: torch.nn.Module | None = None) -> None:
+        export_weights(self.path, pl_module.exported_state(denoiser), {**self.config, "global_step": step})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last:
+            self._last = step
+            self.export(pl_module, step, self.ema.averaged() if self.ema is not None else None)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # the EMA callback (earlier in the list) has copied the averaged weights into pl_module
+        if trainer.global_step != self._last:
+            self.export(pl_module, trainer.global_step)
+
+
+class Throughput(Callback):
+    """Log voxels per second of training (all ranks together) and seconds per step."""
+
+    def __init__(self) -> None:
+        self._start: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._start is None:
+            return
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        rate = voxels(batch["x"]) * trainer.world_size / elapsed
+        pl_module.log("train/voxels_per_sec", float(rate), batch_size=1)
+        pl_module.log("train/sec_per_batch", float(elapsed), batch_size=1)
+
+
+class Preview(Callback):
+    """Every N steps, sample from fixed prompts and seeds and log a picture of the results.
+
+    base: volumes generated from `prompts`; sr: super-resolved crops of fixed validation items.
+    The picture (axial, coronal, sagittal mid-slices with mask overlays) goes to the logger and to
+    `run_dir/previews/step_XXXXXXX.png`.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        every_n_steps: int,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        steps: int,
+        sampler: str,
+        guidance: float,
+        ema: EMA | None = None,
+        spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    ) -> None:
+        self.dir = Path(run_dir) / "previews"
+        self.every_n_steps, self.prompts, self.seeds = every_n_steps, list(prompts), list(seeds)
+        self.steps, self.sampler, self.guidance, self.ema = steps, sampler, guidance, ema
+        self.spacing = tuple(spacing)
+        self._last = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if not self.every_n_steps or step == 0 or step % self.every_n_steps or step == self._last:
+            return
+        self._last = step
+        self.render(trainer, pl_module, step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._last:
+            self._last = trainer.global_step
+            self.render(trainer, pl_module, trainer.global_step)
+
+    @rank_zero_only
+    def render(self, trainer: pl.Trainer, pl_module: DiffusionModule, step: int) -> None:
+        from medsyn.viz import preview_grid, render_volume, save_png
+
+        averaged = self.ema.averaged() if self.ema is not None else None
+        denoiser = averaged if averaged is not None else pl_module.denoiser
+        was_training = denoiser.training
+        denoiser.eval()
+        try:
+            volumes, captions = self._generate(trainer, pl_module, denoiser)
+        finally:
+            denoiser.train(was_training)
+        images = [render_volume(v, spacing=self.spacing) for v in volumes]
+        grid = preview_grid(images, captions, ncols=min(len(images), 2))
+        save_png(self.dir / f"step_{step:07d}.png", grid)
+        _log_image(trainer, "preview", grid, step, captions)
+
+    def _generate(
+        self, trainer: pl.Trainer, module: DiffusionModule, denoiser: torch.nn.Module
+    ) -> tuple[list[np.ndarray], list[str]]:
+        from medsyn.pipeline import generate_base, generate_sr
+
+        device = module.device
+        if module.stage == "base":
+            item = trainer.datamodule.datasets["train"][0]
+            shape = tuple(item["x"].shape[1:])
+            prompts = [p for p in self.prompts for _ in self.seeds]
+            seeds = [s for _ in self.prompts for s in self.seeds]
+            with _autocast(trainer, device):
+                x = generate_base(
+                    denoiser, module.text, prompts, seeds, shape, self.steps, self.sampler, self.guidance
+                )
+            captions = [f"seed {s}: {p}" for p, s in zip(prompts, seeds, strict=True)]
+        else:
+            split = "val" if len(trainer.datamodule.datasets.get("val", [])) else "train"
+            items = [
+                trainer.datamodule.datasets[split][i]
+                for i in range(min(2, len(trainer.datamodule.datasets[split])))
+            ]
+            lowres = torch.stack([it["lowres"] for it in items]).to(device)
+            seeds = list(range(len(items)))
+            with _autocast(trainer, device):
+                x = generate_sr(
+                    denoiser,
+                    lowres,
+                    seeds,
+                    self.steps,
+                    self.sampler,
+                    float(module.diffusion_cfg.get("lowres_noise_sample", 0.0)),
+                )
+            x = torch.cat([x, lowres], dim=0)
+            captions = [f"SR of {it['id']}" for it in items] + [f"low-res input {it['id']}" for it in items]
+        return [v.float().cpu().numpy() for v in x], captions
+
+
+def _autocast(trainer: pl.Trainer, device: torch.device):
+    precision = str(trainer.precision)
+    if "bf16" in precision:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if "16" in precision and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def _log_image(trainer: pl.Trainer, key: str, image: np.ndarray, step: int, captions: Sequence[str]) -> None:
+    """Send an image to whichever logger the run uses (W&B, TensorBoard); CSV keeps the PNG only."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[image], caption=[" | ".join(captions)[:500]], step=step)
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(key, image, step, dataformats="HWC")

@@ -1,0 +1,167 @@
+"""Run configuration for `train.py base|sr`: defaults per stage, YAML file, dotted overrides.
+
+Keys are checked: a typo in the YAML or on the command line is an error naming the key and the
+valid ones. `model` keys are checked against the UNet constructor, `text` keys against
+`TextConditioner`, `trainer` keys against Lightning's `Trainer`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from omegaconf import DictConfig, OmegaConf
+
+from medsyn.config import (
+    check_keys,
+    constructor_keys,
+    load_yaml,
+    merge_checked,
+    parse_overrides,
+    to_container,
+)
+from medsyn.errors import ConfigError
+from medsyn.models import model_config
+
+DEFAULT_PREVIEW_PROMPTS = [
+    "FINDINGS: The lungs are clear. No pleural effusion. Heart size is normal. IMPRESSION: No acute "
+    "cardiopulmonary abnormality.",
+    "FINDINGS: Large right pleural effusion with adjacent atelectasis. The heart is enlarged. "
+    "IMPRESSION: Large right pleural effusion. Cardiomegaly.",
+]
+
+_COMMON: dict[str, Any] = {
+    "stage": "base",
+    "run_dir": "runs/base",
+    "seed": 0,
+    "resume": "auto",  # auto: continue from run_dir/checkpoints/last.ckpt if present; never; or a path
+    "overwrite": False,  # allow a fresh run in a run_dir that already holds checkpoints
+    "model": {"preset": "base-700m"},
+    "diffusion": {
+        "schedule": "cosine",
+        "schedule_shift": 1.0,
+        "parameterization": "x0",
+        "time_sampling": "stratified",
+        "channel_weights": None,
+        "lowres_noise_max": 0.0,
+        "lowres_noise_sample": 0.0,
+    },
+    "data": {
+        "root": "data/cache",  # a prepared cache (medsyn prepare) with manifest.csv
+        "batch_size": 1,  # per device and step; see effective_batch_size
+        "num_workers": 4,
+        "text": "both",  # findings | impression | both
+        "phantoms": None,  # {n, size, seed}: generate and prepare phantoms when data.root has no cache
+    },
+    "effective_batch_size": 64,  # batch_size x devices x nodes x gradient accumulation
+    "optim": {"lr": 1.0e-4, "betas": [0.9, 0.999], "weight_decay": 0.0, "eps": 1.0e-8, "warmup_steps": 0},
+    "ema": {"decay": 0.9999, "update_every_n_steps": 1, "update_starting_at_step": 0, "device": None},
+    "checkpoint": {"every_n_steps": 1000, "keep": 3},
+    "logger": {"kind": "wandb", "project": "medsyn", "name": None, "entity": None, "offline": None},
+    "preview": {
+        "every_n_steps": 1000,
+        "prompts": DEFAULT_PREVIEW_PROMPTS,
+        "seeds": [0],
+        "steps": 25,
+        "sampler": "dpmpp-2m",
+        "guidance": 3.0,
+    },
+    "trainer": {
+        "max_steps": 40000,
+        "accelerator": "auto",
+        "devices": "auto",
+        "num_nodes": 1,
+        "strategy": "auto",
+        "precision": "bf16-mixed",
+        "gradient_clip_val": 1.0,
+        "log_every_n_steps": 10,
+        "val_check_interval": 1000,
+        "check_val_every_n_epoch": None,
+        "limit_val_batches": 8,
+    },
+}
+
+_TEXT_DEFAULTS: dict[str, Any] = {
+    "model": "microsoft/BiomedVLP-CXR-BERT-specialized",
+    "max_length": 192,
+    "ucg_rate": 0.1,
+    "null_kind": "zero",
+}
+
+
+def defaults(stage: str) -> dict[str, Any]:
+    """The default run config of a stage ("base" or "sr")."""
+    cfg = copy.deepcopy(_COMMON)
+    cfg["stage"] = stage
+    cfg["run_dir"] = f"runs/{stage}"
+    if stage == "base":
+        cfg["text"] = dict(_TEXT_DEFAULTS)
+    elif stage == "sr":
+        cfg["model"] = {"preset": "sr-light"}
+        cfg["effective_batch_size"] = 32
+        cfg["data"].update({"crop_size": 64, "upsample": "nearest"})
+        cfg["diffusion"].update({"lowres_noise_max": 0.2, "lowres_noise_sample": 0.05})
+        cfg["preview"].update({"guidance": 1.0})
+    else:
+        raise ConfigError(f"unknown stage '{stage}'; expected base or sr")
+    return cfg
+
+
+def load_run_config(stage: str, path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Defaults of `stage`, then the YAML at `path`, then `dotted.key=value` overrides; all checked."""
+    cfg = OmegaConf.create(defaults(stage))
+    open_keys = ["model", "text", "trainer", "data.phantoms", "ema.device"]
+    if path is not None:
+        file_cfg = load_yaml(path)
+        if "stage" in file_cfg and file_cfg.stage != stage:
+            raise ConfigError(
+                f"{path}: is a config for stage '{file_cfg.stage}', but 'train.py {stage}' was run"
+            )
+        cfg = merge_checked(cfg, file_cfg, str(path), open_keys)
+        if "model" in file_cfg:  # a model section in the file replaces the default preset wholesale
+            cfg.model = file_cfg.model
+    if overrides:
+        cfg = merge_checked(cfg, parse_overrides(overrides), "the command-line overrides", open_keys)
+    where = str(path) if path else "the config"
+    validate(cfg, f"{where} with the command-line overrides" if overrides else where)
+    return cfg
+
+
+def validate(cfg: DictConfig, where: str) -> None:
+    """Check the open sections against the constructors they feed, and a few values."""
+    model_config(to_container(cfg.model))  # raises ConfigError naming a bad model key
+    if cfg.stage == "base":
+        from medsyn.text import TextConditioner
+
+        check_keys(cfg.text, constructor_keys(TextConditioner), f"{where}: text")
+    # these Trainer arguments are set by medsyn itself (callbacks, logger, run directory, accumulation)
+    reserved = {
+        "callbacks",
+        "logger",
+        "default_root_dir",
+        "use_distributed_sampler",
+        "accumulate_grad_batches",
+    }
+    trainer_keys = [k for k in constructor_keys(pl.Trainer) if k not in reserved]
+    check_keys(cfg.trainer, trainer_keys, f"{where}: trainer (Lightning Trainer arguments)")
+    if cfg.data.text not in ("findings", "impression", "both"):
+        raise ConfigError(f"{where}: data.text={cfg.data.text!r}; expected findings, impression or both")
+    for key in ("batch_size", "effective_batch_size"):
+        value = cfg.data.batch_size if key == "batch_size" else cfg.effective_batch_size
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}: {key}={value!r}; expected a positive integer")
+    if str(cfg.resume) not in ("auto", "never") and not str(cfg.resume).endswith(".ckpt"):
+        raise ConfigError(f"{where}: resume={cfg.resume!r}; expected auto, never or a path to a .ckpt file")
+    decay = cfg.ema.decay
+    if decay is not None and not 0.0 < float(decay) < 1.0:
+        raise ConfigError(f"{where}: ema.decay={decay}; expected a number in (0, 1) or null to disable EMA")
+
+
+def accumulation(effective_batch_size: int, batch_size: int, world_size: int) -> int:
+    """Gradient accumulation steps so that batch x world x accumulation reaches the effective batch."""
+    per_step = batch_size * world_size
+    steps = max(1, round(effective_batch_size / per_step))
+    return steps
