@@ -25,13 +25,20 @@ TEXT_DIM, TEXT_LEN = 128, 64
 def _ours():
     import medsyn
 
-    return medsyn.build_model("base-demo", cross_attention_dim=TEXT_DIM)
+    # a small text-conditioned UNet: widths 32-64-128, attention only at the 8^3 bottleneck
+    return medsyn.build_model(
+        "base-demo",
+        num_channels=[32, 64, 128],
+        num_res_blocks=[1, 1, 2],
+        norm_num_groups=32,
+        cross_attention_dim=TEXT_DIM,
+    )
 
 
 def _monai():
     from monai.networks.nets import DiffusionModelUNet
 
-    # Same widths as base-demo, attention at the bottom level (and MONAI's own attention mid-block);
+    # Same widths as ours, attention at the bottom level (and MONAI's own attention mid-block);
     # block counts chosen so the parameter counts agree within a few percent (8.97 M vs 9.33 M).
     return DiffusionModelUNet(
         spatial_dims=3,

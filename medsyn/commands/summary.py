@@ -44,7 +44,10 @@ def run(args: argparse.Namespace) -> int:
         + (f" + {profile.context_length} text tokens" if profile.context_length else "")
     )
     print(f"parameters       {profile.params:,} ({profile.params / 1e6:.1f} M)")
-    print(f"FLOPs / forward  {profile.flops:,} ({profile.flops / 1e12:.2f} TFLOP)")
+    scaled = (
+        f"{profile.flops / 1e12:.2f} TFLOP" if profile.flops >= 1e12 else f"{profile.flops / 1e9:.1f} GFLOP"
+    )
+    print(f"FLOPs / forward  {profile.flops:,} ({scaled})")
     print(f"bottleneck       {'x'.join(map(str, profile.bottleneck_shape))}")
     for entry in profile.attention_levels:
         res = "x".join(map(str, entry["resolution"]))

@@ -99,6 +99,9 @@ def defaults(stage: str) -> dict[str, Any]:
     cfg["run_dir"] = f"runs/{stage}"
     if stage == "base":
         cfg["text"] = dict(_TEXT_DEFAULTS)
+        # when text.model is a local directory that does not exist yet, write a randomly initialised
+        # small BERT there with a tokenizer trained on the training reports (the CPU demo uses this)
+        cfg["text_bootstrap"] = None
     elif stage == "sr":
         cfg["model"] = {"preset": "sr-light"}
         cfg["effective_batch_size"] = 32
@@ -113,7 +116,7 @@ def defaults(stage: str) -> dict[str, Any]:
 def load_run_config(stage: str, path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> DictConfig:
     """Defaults of `stage`, then the YAML at `path`, then `dotted.key=value` overrides; all checked."""
     cfg = OmegaConf.create(defaults(stage))
-    open_keys = ["model", "text", "trainer", "data.phantoms", "ema.device"]
+    open_keys = ["model", "text", "trainer", "data.phantoms", "ema.device", "text_bootstrap"]
     if path is not None:
         file_cfg = load_yaml(path)
         if "stage" in file_cfg and file_cfg.stage != stage:

@@ -62,6 +62,29 @@ def ensure_data(cfg: DictConfig) -> Path:
     return root
 
 
+def ensure_text_model(cfg: DictConfig, root: Path) -> None:
+    """Write the small BERT that `text_bootstrap` asks for, when `text.model` does not exist yet."""
+    spec = cfg.get("text_bootstrap")
+    if cfg.stage != "base" or not spec or Path(cfg.text.model).exists():
+        return
+    from medsyn.data.cache import read_cache_manifest
+    from medsyn.data.datamodule import report_text
+    from medsyn.text import build_tiny_bert
+
+    spec = to_container(spec)
+    allowed = {"hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size", "seed"}
+    unknown = set(spec) - allowed
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {sorted(unknown)} in text_bootstrap; valid keys: {', '.join(sorted(allowed))}"
+        )
+    texts = [report_text(r, cfg.data.text) for r in read_cache_manifest(root) if r["split"] == "train"]
+    print(
+        f"medsyn: writing a small randomly initialised BERT with a tokenizer of the reports to {cfg.text.model}"
+    )
+    build_tiny_bert(cfg.text.model, texts, **spec)
+
+
 def resolve_resume(cfg: DictConfig) -> str | None:
     """The checkpoint to resume from, per `resume` (auto / never / a path); refuses to clobber a run."""
     ckpt_dir = Path(cfg.run_dir) / "checkpoints"
@@ -150,6 +173,7 @@ def train(cfg: DictConfig) -> Path:
     run_dir = Path(cfg.run_dir)
     ckpt_path = resolve_resume(cfg)
     root = ensure_data(cfg)
+    ensure_text_model(cfg, root)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     config = to_container(cfg)
     module = DiffusionModule(
