@@ -1,0 +1,121 @@
+"""Sample chest CT volumes with masks from trained runs: `python sample.py --base RUN --prompt "..." --out DIR`.
+
+Parse, build, run: prompts (and seeds) from the command line or a file, the runs from their
+directories, fixed channels from `--fix`, then `medsyn.pipeline.run_sampling` writes OUT/<index>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+from medsyn.errors import DataError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__.splitlines()[0])
+    p.add_argument("--base", required=True, help="base run directory (model.safetensors, config.yaml)")
+    p.add_argument("--sr", help="super-resolution run directory; without it the base volume is written")
+    p.add_argument("--prompt", action="append", default=[], help="a report to condition on (repeatable)")
+    p.add_argument("--prompts-file", help='text file (one prompt a line) or JSONL ({"prompt", "seed"})')
+    p.add_argument("--out", required=True, help="output directory (refused if it exists, see --overwrite)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (unless a JSONL seed)")
+    p.add_argument(
+        "--batch-size", type=int, default=1, help="samples per forward (results do not depend on it)"
+    )
+    p.add_argument("--steps", type=int, default=25, help="base sampler steps")
+    p.add_argument("--sr-steps", type=int, default=10, help="SR sampler steps")
+    p.add_argument("--sampler", default="dpmpp-2m", choices=["ancestral", "ddim", "dpmpp-2m"])
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--fix", action="append", default=[], metavar="CHANNEL=PATH",
+                   help="hold a channel (ct, lobes, airway, vessels) fixed to a NIfTI file (repeatable)")  # fmt: skip
+    p.add_argument("--resample-rounds", type=int, default=0, help="RePaint resampling rounds per step")
+    p.add_argument(
+        "--sr-mode", default="full", choices=["full", "window"], help="SR on the full volume or by windows"
+    )
+    p.add_argument("--window", type=int, default=144, help="SR window size (voxels) in window mode")
+    p.add_argument("--overlap", type=float, default=0.25, help="SR window overlap fraction in window mode")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    return p
+
+
+def read_prompts(path: str | Path) -> list[tuple[str, int | None]]:
+    """(prompt, seed or None) from a text file (one prompt a line) or JSONL ({"prompt": ..., "seed": ...})."""
+    path = Path(path)
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read prompts ({err})") from err
+    out: list[tuple[str, int | None]] = []
+    for n, line in enumerate(lines, 1):
+        if not line.startswith("{"):
+            out.append((line, None))
+            continue
+        try:
+            row = json.loads(line)
+            out.append((str(row["prompt"]), None if row.get("seed") is None else int(row["seed"])))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise DataError(
+                f'{path}:{n}: expected a JSON object with "prompt" and optional "seed" ({err})'
+            ) from err
+    if not out:
+        raise DataError(f"{path}: no prompts in the file")
+    return out
+
+
+def requests(prompts: list[tuple[str, int | None]], num_samples: int, seed: int) -> list[tuple[str, int]]:
+    """Each prompt num_samples times; sample i gets seed + i, or its JSONL seed + k for its k-th copy."""
+    flat = [(p, s, k) for p, s in prompts for k in range(num_samples)]
+    return [(p, s + k if s is not None else seed + i) for i, (p, s, k) in enumerate(flat)]
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from medsyn.inference import load_run
+    from medsyn.marginal import load_fixed, parse_fix
+    from medsyn.pipeline import SampleOptions, run_sampling
+
+    prompts = [(p, None) for p in args.prompt] + (
+        read_prompts(args.prompts_file) if args.prompts_file else []
+    )
+    if not prompts:
+        raise DataError("no prompt given; pass --prompt TEXT or --prompts-file FILE")
+    if args.num_samples < 1:
+        raise DataError(f"--num-samples {args.num_samples}: expected a positive integer")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda: no CUDA device is available; use --device cpu")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise DataError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+    options = SampleOptions(
+        steps=args.steps, sr_steps=args.sr_steps, sampler=args.sampler, guidance=args.guidance,
+        resample_rounds=args.resample_rounds, sr_mode=args.sr_mode, window=args.window,
+        overlap=args.overlap, batch_size=args.batch_size,
+    )  # fmt: skip
+    specs = parse_fix(args.fix)
+    base = load_run(args.base, args.device, stage="base")
+    sr = load_run(args.sr, args.device, stage="sr") if args.sr else None
+    grid = sr.grid if sr is not None else base.grid
+    fixed = load_fixed(specs, grid, base.hr_grid, base.factor) if specs else None
+    print(f"sample.py: {len(prompts) * args.num_samples} sample(s) on the grid {list(grid.shape)} at "
+          f"{grid.spacing[0]:g} mm ({grid.source}) -> {out}")  # fmt: skip
+    began = time.perf_counter()
+    run_sampling(
+        base, sr, requests(prompts, args.num_samples, args.seed), options, out, fixed, args.overwrite
+    )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GB on Linux
+    print(f"sample.py: done in {time.perf_counter() - began:.1f} s; peak RSS {peak:.2f} GB")
+    return 0
+
+
+if __name__ == "__main__":
+    from medsyn.cli import run_cli
+
+    sys.exit(run_cli(main, "sample.py", build_parser().parse_args()))
