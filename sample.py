@@ -77,9 +77,10 @@ def requests(prompts: list[tuple[str, int | None]], num_samples: int, seed: int)
 
 def main(args: argparse.Namespace) -> int:
     import torch
+    from transformers.utils import logging as hf_logging
 
     from medsyn.inference import load_run
-    from medsyn.marginal import load_fixed, parse_fix
+    from medsyn.marginal import load_fixed, parse_fix, read_fixed
     from medsyn.pipeline import SampleOptions, run_sampling
 
     prompts = [(p, None) for p in args.prompt] + (
@@ -99,11 +100,12 @@ def main(args: argparse.Namespace) -> int:
         resample_rounds=args.resample_rounds, sr_mode=args.sr_mode, window=args.window,
         overlap=args.overlap, batch_size=args.batch_size,
     )  # fmt: skip
-    specs = parse_fix(args.fix)
+    raw = read_fixed(parse_fix(args.fix))  # bad files fail here, before any model loads
+    hf_logging.disable_progress_bar()
     base = load_run(args.base, args.device, stage="base")
     sr = load_run(args.sr, args.device, stage="sr") if args.sr else None
     grid = sr.grid if sr is not None else base.grid
-    fixed = load_fixed(specs, grid, base.hr_grid, base.factor) if specs else None
+    fixed = load_fixed(raw, grid, base.hr_grid, base.factor) if raw else None
     print(f"sample.py: {len(prompts) * args.num_samples} sample(s) on the grid {list(grid.shape)} at "
           f"{grid.spacing[0]:g} mm ({grid.source}) -> {out}")  # fmt: skip
     began = time.perf_counter()

@@ -35,7 +35,7 @@ def parse_fix(specs: Sequence[str]) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
-        name = name.strip()
+        name, path = name.strip(), path.strip()
         if not sep or not path:
             raise DataError(
                 f"--fix {spec!r}: expected CHANNEL=PATH with CHANNEL one of {', '.join(CHANNELS)}"
@@ -48,6 +48,11 @@ def parse_fix(specs: Sequence[str]) -> dict[str, Path]:
             raise DataError(f"--fix: channel {name!r} given twice ({out[name]} and {path}); give each once")
         out[name] = Path(path)
     return out
+
+
+def _show(values: np.ndarray) -> list:
+    """Up to five values for a message, integers shown as integers."""
+    return [int(v) if float(v).is_integer() else round(float(v), 3) for v in values[:5]]
 
 
 def validate_channel(name: str, values: np.ndarray, path: str | os.PathLike) -> None:
@@ -69,15 +74,11 @@ def validate_channel(name: str, values: np.ndarray, path: str | os.PathLike) -> 
     elif name == "lobes":
         bad = np.setdiff1d(np.unique(values), np.arange(NUM_LOBE_LABELS + 1))
         if bad.size:
-            raise DataError(
-                f"{path}: lobes labels {bad[:5].tolist()} found; expected integer labels 0..5 only"
-            )
+            raise DataError(f"{path}: lobes labels {_show(bad)} found; expected integer labels 0..5 only")
     else:
         bad = np.setdiff1d(np.unique(values), [0, 1])
         if bad.size:
-            raise DataError(
-                f"{path}: {name} mask has values {bad[:5].tolist()}; expected a binary mask of 0 and 1"
-            )
+            raise DataError(f"{path}: {name} mask has values {_show(bad)}; expected a binary mask of 0 and 1")
 
 
 def _on_grid(shape: Sequence[int], affine: np.ndarray, grid: Grid) -> bool:
@@ -148,21 +149,33 @@ class FixedChannels:
         return self.sources
 
 
-def load_fixed(
-    specs: Mapping[str, str | os.PathLike], grid: Grid, hr_grid: Grid | None = None, factor: int = 1
-) -> FixedChannels:
-    """Read, validate and grid each `--fix` file (channel -> path) onto `grid` (the output grid)."""
-    values, sources = {}, {}
+Raw = dict[str, tuple[np.ndarray, np.ndarray, Path]]  # channel -> (values, affine, path)
+
+
+def read_fixed(specs: Mapping[str, str | os.PathLike]) -> Raw:
+    """Read and validate each `--fix` file (channel -> path) in natural units, before any model loads."""
+    raw: Raw = {}
     for name, path in specs.items():
         if name not in CHANNELS:
             raise DataError(f"--fix {name}={path}: unknown channel; expected one of {', '.join(CHANNELS)}")
         array, affine = load_nifti(path, dtype=np.float32)
         validate_channel(name, array, path)
+        raw[name] = (array, affine, Path(path))
+    return raw
+
+
+def load_fixed(
+    specs: Mapping[str, str | os.PathLike] | Raw, grid: Grid, hr_grid: Grid | None = None, factor: int = 1
+) -> FixedChannels:
+    """Fixed channels on `grid` (the output grid) from `--fix` files (channel -> path) or `read_fixed`."""
+    raw = specs if all(isinstance(v, tuple) for v in specs.values()) else read_fixed(specs)  # type: ignore[arg-type]
+    values, sources = {}, {}
+    for name, (array, affine, path) in raw.items():
         array, how = bring_to_grid(name, array, affine, grid, path, hr_grid, factor)
         if name != "ct":
             array = np.rint(array).astype(np.uint8)
         values[name] = array
-        sources[name] = {"path": str(Path(path).resolve()), "sha256": sha256_file(path), "grid": how}
+        sources[name] = {"path": str(path.resolve()), "sha256": sha256_file(path), "grid": how}
     return FixedChannels(values, grid, sources)
 
 
