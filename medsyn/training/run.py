@@ -223,6 +223,11 @@ def train(cfg: DictConfig) -> Path:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
 
     trainer_args = to_container(cfg.trainer)
+    if trainer_args.get("strategy") == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        # gradients live in DDP's buckets instead of beside them: one gradient-sized buffer less per GPU
+        trainer_args["strategy"] = DDPStrategy(gradient_as_bucket_view=True)
     trainer = pl.Trainer(
         **trainer_args,
         default_root_dir=str(run_dir),
