@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sr-mode", default="full", choices=["full", "window"], help="SR on the full volume or by windows"
     )
     p.add_argument("--window", type=int, default=144, help="SR window size (voxels) in window mode")
-    p.add_argument("--overlap", type=float, default=0.25, help="SR window overlap fraction in window mode")
+    p.add_argument("--overlap", type=float, default=0.2, help="SR window overlap fraction in window mode")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     return p

@@ -92,7 +92,7 @@ def generate_sr(
     hold: Hold | None = None,
     resample_rounds: int = 0,
     window: int | None = None,
-    overlap: float = 0.25,
+    overlap: float = 0.2,
 ) -> torch.Tensor:
     """Sample high-resolution volumes given `lowres` (B, C, *S) already upsampled to the target grid.
 
@@ -135,7 +135,7 @@ class SampleOptions:
     resample_rounds: int = 0
     sr_mode: str = "full"
     window: int = 144
-    overlap: float = 0.25
+    overlap: float = 0.2
     batch_size: int = 1
 
     def __post_init__(self) -> None:

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from test_sample import FAST, SIZE, make_runs, run_sample
+from test_sample import FAST, SIZE, make_runs, one_thread, run_sample  # noqa: F401 (autouse fixture)
 
 from medsyn.data.channels import CHANNELS, decode_volume
 from medsyn.data.nifti import save_nifti, spacing_affine

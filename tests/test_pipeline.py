@@ -1,0 +1,109 @@
+"""The generation pipeline: seeded stages, classifier-free guidance, sliding-window SR against full-volume SR."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_sample import make_runs, one_thread  # noqa: F401 (autouse fixture)
+
+from medsyn.data.datamodule import upsample
+from medsyn.diffusion import Denoiser, build_schedule
+from medsyn.inference import load_run, run_grid
+from medsyn.pipeline import SampleOptions, generate_base, generate_sr
+from medsyn.sliding import unet_multiple, window_size
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = make_runs(tmp_path_factory.mktemp("runs"))
+    return {**out, "base": load_run(out["base"], stage="base"), "sr": load_run(out["sr"], stage="sr")}
+
+
+@pytest.fixture(scope="module")
+def lowres(runs):
+    base = runs["base"]
+    x = generate_base(base.denoiser, base.text, ["Normal.", "Effusion."], [0, 1], base.grid.shape, steps=2)
+    return torch.stack([upsample(v, base.factor) for v in x])  # (2, 4, 16, 16, 16)
+
+
+def test_base_is_seeded_and_guided(runs):
+    base = runs["base"]
+    args = (base.denoiser, base.text, ["Right effusion."], [3], base.grid.shape)
+    a, b = generate_base(*args, steps=3), generate_base(*args, steps=3)
+    assert a.shape == (1, 4, *base.grid.shape) and torch.equal(a, b)
+    assert not torch.allclose(a, generate_base(*args, steps=3, guidance=1.0))
+
+
+def test_window_covering_the_volume_equals_full_volume_sr(runs, lowres):
+    sr = runs["sr"]
+    full = generate_sr(sr.denoiser, lowres, [0, 1], steps=3, lowres_noise=0.05)
+    windowed = generate_sr(sr.denoiser, lowres, [0, 1], steps=3, lowres_noise=0.05, window=16)
+    bigger = generate_sr(sr.denoiser, lowres, [0, 1], steps=3, lowres_noise=0.05, window=64)
+    assert torch.equal(full, windowed) and torch.equal(full, bigger)  # clipped to the volume
+
+
+class LocalNet(torch.nn.Module):
+    """A convolution-only SR stand-in (receptive field 3): windows see what the full volume sees except
+    at their edges, which the Gaussian blending weighs down."""
+
+    out_channels, downsample_factors = 4, []
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv3d(8, 4, 3, padding=1)
+
+    def forward(self, x, t, concat=None, aug_t=None):
+        return torch.tanh(self.conv(torch.cat([x, concat], dim=1)))
+
+
+def test_overlapping_windows_are_close_to_full_volume_sr(lowres):
+    denoiser = Denoiser(LocalNet(), build_schedule("cosine"))
+    full = generate_sr(denoiser, lowres, [0, 1], steps=3)
+    windowed = generate_sr(denoiser, lowres, [0, 1], steps=3, window=8, overlap=0.5)
+    assert windowed.shape == full.shape and not torch.equal(windowed, full)
+    diff = (windowed - full).abs()
+    # only window edges (one voxel) see zero padding, and the Gaussian weights make them count little
+    assert diff.mean() < 0.005 * full.std() and diff.max() < 0.05 * full.std(), (diff.mean(), diff.max())
+
+
+def test_windows_are_per_sample(runs, lowres):
+    sr = runs["sr"]
+    both = generate_sr(sr.denoiser, lowres, [0, 1], steps=2, lowres_noise=0.05, window=8, overlap=0.25)
+    alone = generate_sr(sr.denoiser, lowres[1:], [1], steps=2, lowres_noise=0.05, window=8, overlap=0.25)
+    torch.testing.assert_close(alone[0], both[1], atol=1e-4, rtol=1e-4)
+
+
+def test_window_size_checks():
+    assert window_size(144, (256, 256, 256), 16) == (144, 144, 144)
+    assert window_size(300, (64, 64, 64), 16) == (64, 64, 64)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        window_size(100, (256, 256, 256), 16)
+
+
+def test_unet_multiple_of_presets():
+    import medsyn
+
+    assert unet_multiple(medsyn.build_model("sr-light", device="meta")) == 16
+    assert unet_multiple(medsyn.build_model("sr-tiny", device="meta")) == 2
+
+
+def test_run_grid_sources(runs, tmp_path):
+    hr, factor = run_grid(runs["sr"].config, "sr")
+    assert hr.shape == (16, 16, 16) and hr.spacing == (16.0,) * 3 and factor == 4 and "cache" in hr.source
+    config = {"data": {"root": str(tmp_path / "gone"), "phantoms": {"size": 64}}, "model": {}}
+    hr, _ = run_grid(config, "base")
+    assert hr.shape == (64,) * 3 and hr.spacing == (4.0,) * 3 and hr.source == "data.phantoms"
+    hr, _ = run_grid({"model": {"preset": "base-700m"}}, "base")
+    assert hr.shape == (256,) * 3 and hr.spacing == (1.0,) * 3
+    lr = hr.coarsen(4)
+    assert lr.shape == (64,) * 3 and lr.spacing == (4.0,) * 3 and (lr.affine[:3, 3] == hr.affine[:3, 3]).all()
+
+
+def test_options_are_checked():
+    from medsyn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sampler"):
+        SampleOptions(sampler="euler")
+    with pytest.raises(ConfigError, match="sr mode"):
+        SampleOptions(sr_mode="tiles")
