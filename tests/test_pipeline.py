@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from test_sample import make_runs, one_thread  # noqa: F401 (autouse fixture)
@@ -107,3 +108,50 @@ def test_options_are_checked():
         SampleOptions(sampler="euler")
     with pytest.raises(ConfigError, match="sr mode"):
         SampleOptions(sr_mode="tiles")
+
+
+def load_benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sampling.py"
+    spec = importlib.util.spec_from_file_location("sampling_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_default_sample_costs_at_most_0_3_pflop():
+    bench = load_benchmark()
+    assert bench.n_windows(256, 144, 0.2) == 2 and bench.n_windows(256, 144, 0.25) == 3
+    assert bench.n_windows(64, 144, 0.2) == 1
+    flops = bench.sample_flops(25, 10, 3.0)
+    assert flops["base"] == 50 * flops["base_forward"] and flops["sr"] == 10 * flops["sr_forward"]
+    assert flops["total"] / 1e15 <= 0.3
+    assert bench.sample_flops(25, 10, 3.0, window=144)["total"] / 1e15 <= 0.3
+
+
+def test_sampling_benchmark_on_tiny_trained_runs(tmp_path):
+    from training_fixtures import make_cache, make_text_model
+
+    from medsyn.training.config import load_run_config
+    from medsyn.training.run import train
+
+    cache, bert = make_cache(tmp_path / "cache", n=6, size=16), make_text_model(tmp_path / "bert")
+    runs = {}
+    for stage in ("base", "sr"):
+        over = {"run_dir": tmp_path / stage, "model.preset": f"{stage}-tiny", "data.root": cache,
+                "data.num_workers": 0, "data.batch_size": 2, "effective_batch_size": 2, "trainer.max_steps": 3,
+                "trainer.accelerator": "cpu", "trainer.precision": "32", "trainer.val_check_interval": 3,
+                "trainer.enable_model_summary": False, "logger.kind": "none", "preview.every_n_steps": 0,
+                "ema.decay": 0.9, **({"text.model": bert} if stage == "base" else {"data.crop_size": 8})}  # fmt: skip
+        runs[stage] = train(load_run_config(stage, None, [f"{k}={v}" for k, v in over.items()]))
+    bench = load_benchmark()
+    common = ["--base", str(runs["base"]), "--sr", str(runs["sr"]), "--cache", str(cache)]
+    report = bench.main(["compare", *common, "--steps", "2", "4", "--num-samples", "2", "--sr-steps", "2",
+                         "--json", str(tmp_path / "r.json")])  # fmt: skip
+    assert set(report["distance"]) == {"ancestral", "ddim", "dpmpp-2m"}
+    assert all(np.isfinite(d) for by in report["distance"].values() for d in by.values())
+    assert report["pflop"]["full"] <= 0.3 and (tmp_path / "r.json").is_file()
+    seg = bench.main(["segment", *common, "--num-subjects", "1", "--steps", "2"])
+    assert 0.0 <= seg["lobes"] <= 1.0 and 0.0 <= seg["airway"] <= 1.0
