@@ -83,10 +83,11 @@ def _memory_child(args: argparse.Namespace) -> None:
 
     denoiser = Denoiser(medsyn.build_model(args.preset), build_schedule("cosine")).eval()
     lowres = torch.zeros(1, 4, *(args.size,) * 3)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     start = time.perf_counter()
     generate_sr(denoiser, lowres, [0], steps=args.sr_steps, window=args.window, overlap=args.overlap)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps({"peak_gb": peak, "seconds": time.perf_counter() - start}))
+    print(json.dumps({"peak_gb": peak, "before_gb": before, "seconds": time.perf_counter() - start}))
 
 
 def cmd_memory(args: argparse.Namespace) -> dict:
@@ -98,7 +99,8 @@ def cmd_memory(args: argparse.Namespace) -> dict:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         report[mode] = json.loads(out)
         print(f"SR {mode:6s} {args.preset} {args.size}^3 {f'window {window} overlap {args.overlap} ' if window else ''}"
-              f"{args.sr_steps} step(s): peak RSS {report[mode]['peak_gb']:.2f} GB, {report[mode]['seconds']:.0f} s")  # fmt: skip
+              f"{args.sr_steps} step(s): peak RSS {report[mode]['peak_gb']:.2f} GB "
+              f"({report[mode]['before_gb']:.2f} GB before sampling), {report[mode]['seconds']:.0f} s")  # fmt: skip
     return report
 
 

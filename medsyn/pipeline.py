@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from medsyn.diffusion import ClassifierFreeGuidance, randn_per_sample, time_grid
+from medsyn.diffusion import ClassifierFreeGuidance, randn_per_sample, sample, time_grid
 from medsyn.marginal import FixedChannels, HoldFixed, sample_resampled
 
 Project = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -35,8 +35,6 @@ def _run(sampler, denoise, noise, ts, schedule, gens, project, callback, hold, r
         noise = project(noise, ts[:1].expand(noise.shape[0]))
     if rounds > 0:
         return sample_resampled(sampler, denoise, noise, ts, schedule, gens, project, rounds)
-    from medsyn.diffusion import sample
-
     return sample(sampler, denoise, noise, ts, schedule, generators=gens, callback=callback, project=project)
 
 
