@@ -16,6 +16,7 @@ from medsyn.errors import MedsynError
 # command name -> module under medsyn.commands
 COMMANDS: dict[str, str] = {
     "summary": "summary",
+    "phantom": "phantom",
     "prepare": "prepare",
 }
 
