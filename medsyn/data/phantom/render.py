@@ -38,7 +38,7 @@ def _slab(mask2d: np.ndarray, size: int) -> np.ndarray:
 def draw_anatomy(anat: Anatomy, grid: Grid, tubes: dict[str, Tubes]) -> Drawn:
     """Paint body wall, bones, mediastinum, heart, great vessels, lungs, fissures and trees."""
     x, y, z = grid.xyz
-    s, h = grid.size, grid.spacing
+    h = grid.spacing
     # axial outline (z-invariant), then broadcast along z
     body, inner = anat.body(x, y), anat.body(x, y, inset=anat.fat)
     cavity = anat.cavity(x, y)
