@@ -72,7 +72,7 @@ class Anatomy:
         """Inside the heart ellipsoid (its long axis points to the left, anteriorly)."""
         cx, cy, cz = self.heart_c
         a, b, c = (s + grow for s in self.heart_axes)
-        cos, sin = np.cos(self.heart_angle), np.sin(self.heart_angle)
+        cos, sin = float(np.cos(self.heart_angle)), float(np.sin(self.heart_angle))
         u = (x - cx) * (LEFT * cos) + (y - cy) * sin
         v = -(x - cx) * (LEFT * sin) + (y - cy) * cos
         return (u / a) ** 2 + (v / b) ** 2 + ((z - cz) / c) ** 2 <= 1.0
@@ -94,26 +94,26 @@ class Anatomy:
     def spinal_canal(self, x, y):
         return x**2 + (y - (self.vertebra_y - 22.0)) ** 2 <= 8.0**2
 
-    def lung(self, x, y, z, clearance=None):
+    def lung(self, x, y, z, excluded=None):
         """Inside either lung (the pleural space before any effusion).
 
-        `clearance` is the signed distance (mm) to the mediastinal tubes (aorta, trachea, ...),
-        from `rasterize_tubes` on a grid or `tube_clearance_points` on points; lungs keep 3 mm off.
+        `excluded` marks the mediastinal tubes (aorta, trachea, ...) grown by 3 mm, e.g. from
+        `rasterize_tubes(grid, tubes, grow=3.0)`; the lungs keep out of it.
         """
         inside = self.cavity(x, y) & (z > self.diaphragm(x, y))
         # mediastinum: a midline band, wider posteriorly, and the spine and heart with fat around
         depth = np.clip((self.cav_y + self.cav_b - y) / (2.0 * self.cav_b), 0.0, 1.0)
         inside = inside & (np.abs(x) > 5.0 + 12.0 * depth)
         inside = inside & ~(x**2 + (y - self.vertebra_y) ** 2 <= 19.0**2)
-        # apices: each lung narrows to a dome towards apex_z
-        top = 25.0
-        f2 = np.clip(1.0 - (np.clip(z - top, 0.0, None) / (self.apex_z - top)) ** 2, 0.0, 1.0)
-        ax = (np.abs(x) - 45.0) / 80.0
-        ay = (y - (self.cav_y - 6.0)) / 66.0
-        inside = inside & (ax**2 + ay**2 <= f2) & (z < self.apex_z)
+        # apices: above z = 25 mm each lung narrows to a posterior dome ending at apex_z
+        g = np.clip((z - 25.0) / (self.apex_z - 25.0), 0.0, 1.0)
+        room = (1.0 - g**2) * (1.0 + 1.5 * (1.0 - g))
+        ax = (np.abs(x) - 45.0) / 60.0
+        ay = (y - (self.cav_y - 8.0)) / 55.0
+        inside = inside & (ax**2 + ay**2 <= room) & (z < self.apex_z)
         inside = inside & ~self.heart(x, y, z, grow=4.0)
-        if clearance is not None:
-            inside = inside & (clearance > 3.0)
+        if excluded is not None:
+            inside = inside & ~excluded
         return inside
 
     def oblique_z(self, x, y, side: float):
@@ -160,14 +160,14 @@ def sample_anatomy(rng: np.random.Generator, ctr: float) -> Anatomy:
     cav_a = body_a - fat - muscle - 13.0
     cav_b = body_b - fat - muscle - 16.0
     cav_y = 3.0
-    dome_right = float(u(-40.0, -25.0))
+    dome_right = float(u(-46.0, -32.0))
     dome_left = dome_right - float(u(8.0, 16.0))
     apex_z = float(u(95.0, 108.0))
     angle = float(np.radians(u(32.0, 45.0)))
-    aspect = float(u(0.72, 0.8))
-    heart_y = float(cav_y + u(14.0, 22.0))
+    aspect = float(u(0.62, 0.7))
+    heart_y = float(cav_y + u(22.0, 30.0))
     heart_z = dome_left + float(u(6.0, 14.0))
-    oblique = tuple((float(u(-52.0, -40.0)), float(u(30.0, 48.0)), float(u(1.45, 1.8))) for _ in range(2))
+    oblique = tuple((float(u(-52.0, -40.0)), float(u(48.0, 62.0)), float(u(1.3, 1.6))) for _ in range(2))
     horizontal_z = float(u(-8.0, 8.0))
     carina_z = float(u(28.0, 40.0))
     # heart size from the target CTR (thoracic width ~ cavity width)
@@ -175,7 +175,7 @@ def sample_anatomy(rng: np.random.Generator, ctr: float) -> Anatomy:
     long_axis = half / np.hypot(np.cos(angle), aspect * np.sin(angle))
     heart_x = LEFT * 0.3 * half
     heart_c = (float(heart_x), heart_y, heart_z)
-    axes = (float(long_axis), float(aspect * long_axis), float(38.0 * np.sqrt(half / 36.0)))
+    axes = (float(long_axis), float(aspect * long_axis), float(34.0 * np.sqrt(half / 36.0)))
     return Anatomy(
         body_a=body_a, body_b=body_b, fat=fat, muscle=muscle, cav_a=cav_a, cav_b=cav_b, cav_y=cav_y,
         dome_left=dome_left, dome_right=dome_right, apex_z=apex_z, heart_c=heart_c,

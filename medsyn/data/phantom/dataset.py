@@ -72,7 +72,7 @@ def generate_phantom(
     tubes = {**central, **build_trees(anat, anatomy_rng, central)}
     tubes["ribs"], tubes["cartilage"] = rib_tubes(anat)
     drawn = draw_anatomy(anat, grid, tubes)
-    lobes = anat.lobes(*grid.xyz, drawn.lung)
+    lobes = drawn.lobes
     placed = apply_pathology(drawn, lobes, anat, grid, params, pathology_rng)
     ct = finish_ct(drawn.hu, grid, noise_rng, noise_hu)
     truth = {

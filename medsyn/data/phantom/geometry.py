@@ -117,16 +117,17 @@ def _segment_distance(px, py, pz, a: np.ndarray, b: np.ndarray):
     return np.sqrt(ex * ex + ey * ey + ez * ez), t
 
 
-def rasterize_tubes(grid: Grid, tubes: Tubes, out: np.ndarray | None = None) -> np.ndarray:
-    """Signed clearance (mm) to the nearest tube surface on the grid: < 0 inside a tube.
+def rasterize_tubes(grid: Grid, tubes: Tubes, grow: float = 0.0, out: np.ndarray | None = None) -> np.ndarray:
+    """Boolean mask of the voxels whose centre lies within `radius + grow` mm of a tube's axis.
 
-    Each segment is evaluated only in its bounding box; voxels far from every tube keep +inf.
+    Each segment is evaluated only in its bounding box; a mask (zero-initialised, so cheap to
+    allocate) rather than a distance map keeps 256^3 grids fast.
     """
     if out is None:
-        out = np.full(grid.shape, np.inf, dtype=np.float32)
+        out = np.zeros(grid.shape, dtype=bool)
     axis = grid.axis
     for a, b, ra, rb in zip(tubes.a, tubes.b, tubes.ra, tubes.rb, strict=True):
-        a, b, ra, rb = a.astype(np.float32), b.astype(np.float32), float(ra), float(rb)
+        a, b, ra, rb = a.astype(np.float32), b.astype(np.float32), float(ra) + grow, float(rb) + grow
         r = max(ra, rb)
         lo = np.floor(grid.index(np.minimum(a, b) - r)).astype(int)
         hi = np.ceil(grid.index(np.maximum(a, b) + r)).astype(int) + 1
@@ -137,9 +138,8 @@ def rasterize_tubes(grid: Grid, tubes: Tubes, out: np.ndarray | None = None) -> 
         ys = axis[None, lo[1] : hi[1], None]
         zs = axis[None, None, lo[2] : hi[2]]
         dist, t = _segment_distance(xs, ys, zs, a, b)
-        clearance = dist - (ra + t * (rb - ra))
         view = out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-        np.minimum(view, clearance, out=view)
+        view |= dist < ra + t * (rb - ra)
     return out
 
 

@@ -117,16 +117,33 @@ def _ball(grid: Grid, centre: np.ndarray, radius: float) -> tuple[tuple[slice, .
     return box, inside
 
 
-def _pick_inside(
-    rng: np.random.Generator, grid: Grid, region: np.ndarray, margin_mm: float
-) -> np.ndarray | None:
-    """A random point (mm) of `region` at least `margin_mm` from its boundary (or its deepest point)."""
-    if not region.any():
-        return None
-    depth = ndimage.distance_transform_edt(region) * grid.spacing
-    ok = np.argwhere(depth >= min(margin_mm, depth.max()))
-    index = ok[rng.integers(len(ok))]
-    return grid.axis[index]
+_DIRECTIONS = np.array(
+    [(i, j, k) for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1) if (i, j, k) != (0, 0, 0)], float
+)
+_DIRECTIONS /= np.linalg.norm(_DIRECTIONS, axis=1, keepdims=True)
+
+
+def _pick_inside(rng: np.random.Generator, anat: Anatomy, lobe: int, margin_mm: float) -> np.ndarray:
+    """A point (mm) of `lobe` whose ball of radius `margin_mm` stays in the lobe, found on the
+    analytic anatomy (so it is the same at every grid size) among a fixed number of candidates."""
+    lo = np.array([-anat.cav_a, anat.cav_post, -110.0])
+    hi = np.array([anat.cav_a, anat.cav_y + anat.cav_b, anat.apex_z])
+    cand = rng.uniform(lo, hi, size=(4096, 3))
+    inside = anat.lobes(cand[:, 0], cand[:, 1], cand[:, 2], anat.lung(cand[:, 0], cand[:, 1], cand[:, 2]))
+    cand = cand[inside == lobe]
+    if not len(cand):
+        return np.array([np.nan] * 3)
+    best, best_score = cand[0], -1
+    for r in (margin_mm, 0.7 * margin_mm, 0.4 * margin_mm):
+        for c in cand[:256]:
+            ring = c + r * _DIRECTIONS
+            ok = anat.lobes(ring[:, 0], ring[:, 1], ring[:, 2], anat.lung(ring[:, 0], ring[:, 1], ring[:, 2]))
+            score = int((ok == lobe).sum())
+            if score == len(ring):
+                return c
+            if score > best_score:
+                best, best_score = c, score
+    return best
 
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma_vox: float) -> np.ndarray:
@@ -152,7 +169,12 @@ def apply_pathology(
     placed: dict = {"lesions": []}
     lung = lobes > 0
     # emphysema: low-attenuation patches in a lobe, and bullae
-    fields = _smooth_field(rng, grid.shape, 1.5 / spacing)
+    place_rng, field_rng = rng.spawn(2)  # placement is the same at every size
+    fields = (
+        _smooth_field(field_rng, grid.shape, 1.5 / spacing)
+        if params.emphysema_lobe or params.ground_glass
+        else np.zeros(grid.shape, np.float32)
+    )
     if params.emphysema_lobe:
         region = lobes == params.emphysema_lobe
         values = fields[region]
@@ -161,9 +183,9 @@ def apply_pathology(
         hu[patch] = -985.0
     bullae_lobe = params.emphysema_lobe or 3
     for _ in range(params.bullae):
-        centre = _pick_inside(rng, grid, lobes == bullae_lobe, 12.0)
-        radius = float(rng.uniform(8.0, 16.0))
-        if centre is None:
+        radius = float(place_rng.uniform(8.0, 16.0))
+        centre = _pick_inside(place_rng, anat, bullae_lobe, radius + 2.0)
+        if np.isnan(centre).any():
             continue
         box, ball = _ball(grid, centre, radius)
         ball &= lung[box]
@@ -184,8 +206,8 @@ def apply_pathology(
     # nodules and masses: solid balls inside their lobe
     for lesion in params.lesions:
         radius = lesion.size_mm / 2.0
-        centre = _pick_inside(rng, grid, lobes == lesion.lobe, radius + 2.0)
-        if centre is None:
+        centre = _pick_inside(place_rng, anat, lesion.lobe, radius + 2.0)
+        if np.isnan(centre).any():
             continue
         box, ball = _ball(grid, centre, radius)
         ball &= lung[box]

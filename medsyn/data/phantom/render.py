@@ -24,6 +24,7 @@ class Drawn:
 
     hu: np.ndarray  # (S, S, S) float32
     lung: np.ndarray  # bool, the pleural space
+    lobes: np.ndarray  # uint8 lobe labels of the lung voxels
     airway: np.ndarray  # bool, lumen of trachea and bronchi
     vessels: np.ndarray  # bool, pulmonary vessels inside the lungs
     heart: np.ndarray  # bool
@@ -63,38 +64,38 @@ def draw_anatomy(anat: Anatomy, grid: Grid, tubes: dict[str, Tubes]) -> Drawn:
     sternum = (np.abs(x) < 13.0) & (y > front + 1.0) & (y < front + 12.0) & (z > -75.0) & (z < 78.0)
     hu[sternum] = HU["sternum"]
     bone, cartilage = tubes["ribs"], tubes["cartilage"]
-    c = rasterize_tubes(grid, cartilage.resolvable(h, 0.0))
-    hu[c < 0] = HU["cartilage"]
-    c = rasterize_tubes(grid, bone.resolvable(h, 0.0))
-    hu[c < 0] = HU["cortex"]
-    hu[c < -max(1.5, h)] = HU["marrow"]
+    hu[rasterize_tubes(grid, cartilage.resolvable(h, 0.0))] = HU["cartilage"]
+    bone = bone.resolvable(h, 0.0)
+    hu[rasterize_tubes(grid, bone)] = HU["cortex"]
+    hu[rasterize_tubes(grid, bone, grow=-max(1.5, h))] = HU["marrow"]
     # heart and great vessels
     heart = anat.heart(x, y, z)
     hu[heart] = HU["blood"]
-    central = tubes["aorta"].concat(tubes["svc"]).concat(tubes["pulmonary"])
-    c_vessel = rasterize_tubes(grid, central.resolvable(h, 0.0))
-    hu[c_vessel < 0] = HU["blood"]
-    c_eso = rasterize_tubes(grid, tubes["esophagus"].resolvable(h, 0.0))
-    hu[c_eso < 0] = HU["soft"]
-    c_air = rasterize_tubes(grid, tubes["central_airway"])
-    clearance = np.minimum(np.minimum(c_vessel, c_eso), c_air)
+    central = tubes["aorta"].concat(tubes["svc"]).concat(tubes["pulmonary"]).resolvable(h, 0.0)
+    esophagus = tubes["esophagus"].resolvable(h, 0.0)
+    hu[rasterize_tubes(grid, central)] = HU["blood"]
+    hu[rasterize_tubes(grid, esophagus)] = HU["soft"]
+    excluded = rasterize_tubes(grid, central.concat(esophagus).concat(tubes["central_airway"]), grow=3.0)
     # lungs with a slight dependent (posterior) density gradient
-    lung = anat.lung(x, y, z, clearance)
+    lung = anat.lung(x, y, z, excluded)
     posterior = np.clip((anat.cav_y - y) / anat.cav_b, -1.0, 1.0) * 0.5 + 0.5
     hu[lung] = np.broadcast_to(HU["lung"] + 40.0 * posterior**2, grid.shape)[lung]
-    fissure = lung & (anat.fissure_distance(x, y, z) < max(0.6, 0.5 * h))
-    hu[fissure] += 200.0 * min(1.0, 1.2 / h)
+    idx = np.nonzero(lung)  # the lungs are ~10% of the grid: evaluate fissures there only
+    lx, ly, lz = (grid.axis[i] for i in idx)
+    near = anat.fissure_distance(lx, ly, lz) < max(0.6, 0.5 * h)
+    hu[tuple(i[near] for i in idx)] += 200.0 * min(1.0, 1.2 / h)
+    lobes = np.zeros(grid.shape, np.uint8)
+    lobes[idx] = anat.lobes(lx, ly, lz, True)
     # pulmonary vessels (drawn in the chest, masked in the lungs)
-    c_pv = rasterize_tubes(grid, tubes["arteries"].concat(tubes["veins"]).resolvable(h))
-    pv = (c_pv < 0) & cavity & ~heart
+    pv = rasterize_tubes(grid, tubes["arteries"].concat(tubes["veins"]).resolvable(h)) & cavity & ~heart
     hu[pv] = HU["blood"]
     # airway: wall, then lumen
     airway_tubes = tubes["airway"].resolvable(h)
-    c_wall = rasterize_tubes(grid, airway_tubes.scaled(1.3, 0.4))
-    lumen = rasterize_tubes(grid, airway_tubes) < 0
-    hu[(c_wall < 0) & body] = HU["airway_wall"]
+    wall = rasterize_tubes(grid, airway_tubes.scaled(1.3, 0.4))
+    lumen = rasterize_tubes(grid, airway_tubes)
+    hu[wall & body] = HU["airway_wall"]
     hu[lumen] = HU["air"]
-    return Drawn(hu, lung, lumen, pv & lung, heart, cavity, posterior)
+    return Drawn(hu, lung, lobes, lumen, pv & lung, heart, cavity, posterior)
 
 
 def finish_ct(hu: np.ndarray, grid: Grid, rng: np.random.Generator, noise_hu: float) -> np.ndarray:
@@ -103,7 +104,7 @@ def finish_ct(hu: np.ndarray, grid: Grid, rng: np.random.Generator, noise_hu: fl
     if sigma >= 0.3:
         hu = ndimage.gaussian_filter(hu, sigma, truncate=2.5)
     noise = rng.standard_normal(grid.shape, dtype=np.float32)
-    noise = ndimage.uniform_filter1d(noise, 2, axis=0)  # neighbour correlation along one axis
+    noise[1:] += noise[:-1].copy()  # neighbour correlation along one axis
     noise *= noise_hu / float(noise.std() + 1e-6)
     hu = hu + noise
     return np.clip(np.round(hu), -1024, 3071).astype(np.int16)
