@@ -129,3 +129,19 @@ def test_cli_writes_dataset_and_refuses_non_empty_dir(tmp_path, capsys):
     assert main(["phantom", "--n", "1", "--size", "24", "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert main(["phantom", "--n", "1", "--size", "24", "--out", str(out), "--overwrite"]) == 0
+
+
+def test_same_anatomy_at_two_grid_sizes():
+    params = PathologyParams(lesions=[Lesion(5, 20.0)])
+    a, b = generate_phantom(32, seed=11, params=params), generate_phantom(64, seed=11, params=params)
+    assert a.truth["lesions"][0]["center_mm"] == b.truth["lesions"][0]["center_mm"]
+    assert abs(a.truth["lung_volume_ml"] / b.truth["lung_volume_ml"] - 1.0) < 0.1
+    assert abs(a.truth["ctr"] - b.truth["ctr"]) < 0.06
+
+
+def test_cli_error_names_the_directory(tmp_path, capsys):
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "something.txt").write_text("x")
+    assert main(["phantom", "--n", "1", "--size", "16", "--out", str(out)]) == 2
+    assert str(out) in capsys.readouterr().err

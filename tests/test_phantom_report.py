@@ -42,3 +42,29 @@ def test_wording_varies_across_seeds():
 def test_bilateral_grammar():
     r = report(PathologyParams(effusion="small", effusion_side="bilateral"))
     assert "effusions" in r.findings and "bilateral" in r.impression
+
+
+def test_every_topic_is_stated_or_negated_for_sampled_pathology():
+    from medsyn.data.phantom import sample_pathology
+
+    rng = np.random.default_rng(1)
+    for seed in range(150):
+        p = sample_pathology(rng)
+        text = report(p, seed).findings.lower()
+        negated_effusion = "no pleural effusion" in text or "pleural spaces are clear" in text
+        assert negated_effusion == (p.effusion == "none")
+        if p.effusion != "none":
+            sides = ("bilateral", "both sides") if p.effusion_side == "bilateral" else (p.effusion_side,)
+            assert p.effusion in text and any(side in text for side in sides)
+        assert ("cardiomegaly" in text and "no cardiomegaly" not in text) == p.cardiomegaly
+        assert ("no emphysema" in text or "no bullous" in text) == (not p.emphysema_lobe and not p.bullae)
+        assert ("nodule" in text or "mass" in text) and (("no " in text) or p.lesions)
+        for lesion in p.lesions:
+            assert lesion.kind in text
+        negated_consolidation = (
+            "no consolidation" in text
+            or "no evidence of consolidation" in text
+            or ("no focal airspace consolidation" in text)
+        )
+        assert negated_consolidation == (not p.consolidation)
+        assert ("ground-glass" in text) == bool(p.ground_glass)

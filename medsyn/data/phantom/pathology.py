@@ -213,7 +213,8 @@ def apply_pathology(
         ball &= lung[box]
         hu[box][ball] = 40.0
         placed["lesions"].append({"kind": lesion.kind, "lobe": lesion.lobe, "lobe_name": LOBE_NAMES[lesion.lobe],
-                                  "size_mm": lesion.size_mm, "center_mm": [round(float(c), 1) for c in centre]})  # fmt: skip
+                                  "size_mm": lesion.size_mm, "center_mm": [round(float(c), 1) for c in centre],
+                                  "volume_ml": round(float(ball.sum() * grid.voxel_ml), 2)})  # fmt: skip
     # pleural effusion: fluid fills the most dependent (posterior, basal) part of each pleural space
     fluid = np.zeros(grid.shape, dtype=bool)
     if params.effusion != "none":
