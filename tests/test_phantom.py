@@ -145,3 +145,10 @@ def test_cli_error_names_the_directory(tmp_path, capsys):
     (out / "something.txt").write_text("x")
     assert main(["phantom", "--n", "1", "--size", "16", "--out", str(out)]) == 2
     assert str(out) in capsys.readouterr().err
+
+
+def test_overwrite_with_fewer_subjects_removes_the_old_ones(tmp_path):
+    out = tmp_path / "ph"
+    assert main(["phantom", "--n", "2", "--size", "16", "--out", str(out), "--workers", "2"]) == 0
+    assert main(["phantom", "--n", "1", "--size", "16", "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.csv", "phantom_0000"]

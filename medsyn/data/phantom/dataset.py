@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import os
+import re
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,14 @@ from medsyn.io import atomic_dir, atomic_path, write_json, write_text
 
 FOV_MM = 256.0
 MANIFEST_COLUMNS = ("id", "ct", "lobes", "airway", "vessels", "findings", "impression")
+# how the measured quantities in truth.json are defined (so `medsyn evaluate` can measure the same)
+DEFINITIONS = {
+    "effusion_ml": "pleural fluid voxels x voxel volume (fluid replaces lung; lobes are 0 there)",
+    "ctr": "widest axial x-extent of the heart / widest axial x-extent of the inner bony thorax",
+    "laa950_percent": "100 x fraction of lung voxels (lobes > 0) outside the airway lumen below -950 HU",
+    "lung_volume_ml": "voxels with lobes > 0 x voxel volume",
+    "center_mm": "lesion centre in world RAS+ mm (the NIfTI affine's space)",
+}
 
 
 @dataclass
@@ -90,6 +100,7 @@ def generate_phantom(
             "ground_glass": [LOBE_NAMES[i] for i in params.ground_glass],
         },
         "lesions": placed["lesions"],
+        "definitions": DEFINITIONS,
         **measure(ct, lobes, drawn.airway, drawn.heart, drawn.cavity, placed["fluid"], grid),
     }
     return Phantom(
@@ -144,6 +155,10 @@ def write_dataset(
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise MedsynError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
+    for old in out.iterdir():  # with --overwrite, phantoms of a larger earlier run would linger
+        match = re.fullmatch(r"phantom_(\d+)", old.name)
+        if match and old.is_dir() and int(match.group(1)) >= n:
+            shutil.rmtree(old)
     jobs = [(out, f"phantom_{i:04d}", size, spacing_mm, [seed, i], overwrite) for i in range(n)]
     bar = tqdm(total=n, desc="phantoms", unit="subject", disable=not progress)
     rows: list[dict] = []
