@@ -24,8 +24,9 @@ def make_cache(root: Path, n: int = 8, size: int = 32, factor: int = 4, seed: in
     for i in range(n):
         x, y, z = grid + rng.normal(0, 0.03, (3, 1, 1, 1))
         body = (x / 0.9) ** 2 + (y / 0.7) ** 2 < 1
-        left = ((x - 0.4) / 0.3) ** 2 + (y / 0.45) ** 2 + (z / 0.8) ** 2 < 1
-        right = ((x + 0.4) / 0.3) ** 2 + (y / 0.45) ** 2 + (z / 0.8) ** 2 < 1
+        # RAS+: +x is the patient's right, so the left lung lies at x < 0
+        left = ((x + 0.4) / 0.3) ** 2 + (y / 0.45) ** 2 + (z / 0.8) ** 2 < 1
+        right = ((x - 0.4) / 0.3) ** 2 + (y / 0.45) ** 2 + (z / 0.8) ** 2 < 1
         ct = np.where(body, 40.0, -1000.0) + rng.normal(0, 10, body.shape)
         ct[left | right] = -850
         lobes = np.zeros(body.shape, np.uint8)
