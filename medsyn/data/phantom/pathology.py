@@ -19,7 +19,8 @@ from medsyn.data.phantom.render import Drawn
 SEVERITIES = ("none", "small", "moderate", "large")
 SIDES = ("left", "right", "bilateral")
 # fraction of a hemithorax's pleural space taken by fluid, per severity
-EFFUSION_FRACTION = {"none": 0.0, "small": 0.05, "moderate": 0.14, "large": 0.32}
+EFFUSION_FRACTION = {"none": 0.0, "small": 0.05, "moderate": 0.14, "large": 0.31}
+EFFUSION_RANGE = {"small": (0.03, 0.07), "moderate": (0.10, 0.18), "large": (0.24, 0.38)}
 NORMAL_CTR, CARDIOMEGALY_CTR = (0.40, 0.49), (0.56, 0.70)
 MASS_MM = 30.0  # a lesion of 30 mm or more is a mass
 
@@ -42,6 +43,7 @@ class PathologyParams:
 
     effusion: str = "none"  # none | small | moderate | large
     effusion_side: str = "right"  # left | right | bilateral (ignored when none)
+    effusion_fraction: float | None = None  # share of the pleural space; None: severity default
     ctr: float = 0.45  # cardiothoracic ratio; >= 0.55 is reported as cardiomegaly
     emphysema_lobe: int = 0  # 0 = none, else the lobe with centrilobular emphysema
     emphysema_fraction: float = 0.0  # fraction of that lobe below -950 HU
@@ -55,6 +57,8 @@ class PathologyParams:
             raise ValueError(f"effusion={self.effusion!r}; expected one of {SEVERITIES}")
         if self.effusion_side not in SIDES:
             raise ValueError(f"effusion_side={self.effusion_side!r}; expected one of {SIDES}")
+        if self.effusion_fraction is not None and not 0.0 < self.effusion_fraction < 0.6:
+            raise ValueError(f"effusion_fraction={self.effusion_fraction}; expected a share in (0, 0.6)")
         if not 0.3 <= self.ctr <= 0.8:
             raise ValueError(f"ctr={self.ctr}; expected a cardiothoracic ratio in [0.3, 0.8]")
         for lobe in [
@@ -96,6 +100,8 @@ def sample_pathology(rng: np.random.Generator) -> PathologyParams:
         params.consolidation = [int(rng.integers(1, 6))]
     if u() < 0.15:
         params.ground_glass = sorted({int(rng.integers(1, 6)) for _ in range(int(rng.integers(1, 3)))})
+    if params.effusion != "none":  # drawn last, so the draws above do not depend on it
+        params.effusion_fraction = float(u(*EFFUSION_RANGE[params.effusion]))
     return params
 
 
@@ -225,7 +231,7 @@ def apply_pathology(
             values = np.broadcast_to(score, grid.shape)[space]
             if not values.size:
                 continue
-            cut = np.quantile(values, EFFUSION_FRACTION[params.effusion])
+            cut = np.quantile(values, params.effusion_fraction or EFFUSION_FRACTION[params.effusion])
             fluid |= space & (score <= cut)
             band = space & (score > cut) & (score <= cut + 6.0)  # compressive atelectasis above it
             hu[band] = np.maximum(hu[band], -250.0)
