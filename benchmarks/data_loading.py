@@ -102,6 +102,9 @@ def main() -> None:
         def read_hr(row: dict) -> np.ndarray:
             return np.asarray(cache.load_array(row["hr"]), dtype=np.float32)
 
+        def read_hr16(row: dict) -> np.ndarray:
+            return np.array(cache.load_array(row["hr"]))  # as stored, float16: the read without conversion
+
         def read_lr(row: dict) -> np.ndarray:
             return np.asarray(cache.load_array(row["lr"]), dtype=np.float32)
 
@@ -111,11 +114,13 @@ def main() -> None:
             return crop, upsampled_crop(lr, (5, 7, 3), c, args.size // lr.shape[1])
 
         times = {name: min(timed(fn, rows) for _ in range(args.repeats)) for name, fn in
-                 [("nifti", decode_nifti), ("hr", read_hr), ("lr", read_lr), ("crop", read_crop)]}  # fmt: skip
+                 [("nifti", decode_nifti), ("hr", read_hr), ("hr16", read_hr16), ("lr", read_lr), ("crop", read_crop)]}  # fmt: skip
     per = {k: v / len(rows) * 1000 for k, v in times.items()}
     print(f"NIfTI decode + encode (4 files -> float32 stack): {per['nifti']:8.2f} ms/subject")
     print(f"cache hr.npy -> float32 stack:                    {per['hr']:8.2f} ms/subject  "
           f"ratio {times['nifti'] / times['hr']:.1f}x")  # fmt: skip
+    print(f"cache hr.npy as stored (float16, no conversion):  {per['hr16']:8.2f} ms/subject  "
+          f"ratio {times['nifti'] / times['hr16']:.1f}x")  # fmt: skip
     print(f"cache lr.npy (base item):                         {per['lr']:8.2f} ms/subject  "
           f"ratio {times['nifti'] / times['lr']:.1f}x")  # fmt: skip
     print(f"cache SR crop {args.crop}^3 + upsampled lr crop:          {per['crop']:8.2f} ms/subject  "

@@ -200,7 +200,7 @@ def test_phantom_folder_prepares(tmp_path: Path):
     phantom = pytest.importorskip("medsyn.data.phantom")
     if not hasattr(phantom, "write_dataset"):
         pytest.skip("phantom generator not available")
-    phantom.write_dataset(tmp_path / "ph", n=2, size=32, spacing_mm=8.0, seed=0)
+    phantom.write_dataset(tmp_path / "ph", n=2, size=32, spacing_mm=8.0, seed=0, progress=False)
     result = prepare(tmp_path / "ph" / "manifest.csv", tmp_path / "cache", PrepareOptions(**OPTIONS))
     assert len(result.done) == 2 and not result.failed
     meta = cache.read_meta(tmp_path / "cache", result.done[0])
