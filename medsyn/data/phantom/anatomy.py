@@ -167,8 +167,8 @@ def sample_anatomy(rng: np.random.Generator, ctr: float) -> Anatomy:
     aspect = float(u(0.62, 0.7))
     heart_y = float(cav_y + u(22.0, 30.0))
     heart_z = dome_left + float(u(6.0, 14.0))
-    oblique = tuple((float(u(-52.0, -40.0)), float(u(48.0, 62.0)), float(u(1.3, 1.6))) for _ in range(2))
-    horizontal_z = float(u(-8.0, 8.0))
+    oblique = tuple((float(u(-52.0, -40.0)), float(u(62.0, 76.0)), float(u(1.1, 1.35))) for _ in range(2))
+    horizontal_z = float(u(4.0, 16.0))
     carina_z = float(u(28.0, 40.0))
     # heart size from the target CTR (thoracic width ~ cavity width)
     half = ctr * cav_a
