@@ -76,6 +76,7 @@ def test_effusion_volume_grows_with_severity():
         SIZE, seed=2, params=PathologyParams(effusion="moderate", effusion_side="bilateral")
     )
     assert bilateral.truth["effusion_ml_left"] > 0 and bilateral.truth["effusion_ml_right"] > 0
+    assert ndimage.label(bilateral.airway, np.ones((3, 3, 3)))[1] == 1  # bronchi cut by fluid are dropped
 
 
 def test_ctr_and_laa_follow_the_parameters():

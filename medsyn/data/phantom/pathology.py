@@ -14,7 +14,7 @@ from scipy import ndimage
 from medsyn.data.channels import LOBE_NAMES
 from medsyn.data.phantom.anatomy import Anatomy
 from medsyn.data.phantom.geometry import Grid
-from medsyn.data.phantom.render import Drawn
+from medsyn.data.phantom.render import HU, Drawn
 
 SEVERITIES = ("none", "small", "moderate", "large")
 SIDES = ("left", "right", "bilateral")
@@ -239,6 +239,13 @@ def apply_pathology(
         lobes[fluid] = 0
         drawn.vessels[fluid] = False
         drawn.airway[fluid & lung] = False
+        # bronchi beyond the fluid are cut off from the tree: let them collapse into lung
+        labels, count = ndimage.label(drawn.airway, np.ones((3, 3, 3), bool))
+        if count > 1:
+            tree = 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+            orphan = drawn.airway & (labels != tree)
+            hu[orphan] = HU["lung"]
+            drawn.airway[orphan] = False
     placed["fluid"] = fluid
     return placed
 
