@@ -2,8 +2,10 @@
 
 A phantom's anatomy and pathology are defined in millimetres, so the same seed gives the same chest
 at 32^3, 64^3 or 256^3 (the field of view is 256 mm unless `spacing_mm` says otherwise). Subject i of
-a dataset with seed s uses the random stream `np.random.default_rng([s, i])`: subjects do not depend
-on how many there are or on which worker made them.
+a dataset with seed s is `generate_phantom(size, spacing_mm, seed=[s, i])`; its `SeedSequence([s, i])`
+spawns separate streams for anatomy, pathology, report wording and noise. Subjects therefore do not
+depend on how many there are or on which worker made them, and datasets with seeds s and s + 1 do
+not share subjects.
 """
 
 from __future__ import annotations
