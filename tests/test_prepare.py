@@ -201,7 +201,8 @@ def test_phantom_folder_prepares(tmp_path: Path):
     if not hasattr(phantom, "write_dataset"):
         pytest.skip("phantom generator not available")
     phantom.write_dataset(tmp_path / "ph", n=2, size=32, spacing_mm=8.0, seed=0, progress=False)
-    result = prepare(tmp_path / "ph" / "manifest.csv", tmp_path / "cache", PrepareOptions(**OPTIONS))
+    options = PrepareOptions(preprocess=PreprocessConfig(size=32, spacing_mm=8.0), progress=False)
+    result = prepare(tmp_path / "ph" / "manifest.csv", tmp_path / "cache", options)
     assert len(result.done) == 2 and not result.failed
     meta = cache.read_meta(tmp_path / "cache", result.done[0])
     assert set(meta["masks"].values()) == {"input"}  # the phantom gives all masks
