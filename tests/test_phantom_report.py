@@ -68,3 +68,9 @@ def test_every_topic_is_stated_or_negated_for_sampled_pathology():
         )
         assert negated_consolidation == (not p.consolidation)
         assert ("ground-glass" in text) == bool(p.ground_glass)
+
+
+def test_articles_before_sizes():
+    texts = {report(PathologyParams(lesions=[Lesion(1, 11.0)]), s).findings for s in range(12)}
+    assert not any("A 11 mm" in t or "a 11 mm" in t for t in texts)
+    assert any("n 11 mm" in t for t in texts)

@@ -37,6 +37,12 @@ def _size(rng: np.random.Generator, mm: float) -> str:
     return f"{mm / 10:.1f} cm" if mm >= 20 and rng.uniform() < 0.5 else f"{mm:.0f} mm"
 
 
+def _article(number: str) -> str:
+    """'an' before numbers read with a leading vowel sound (8, 11, 18, 80-89 ...), else 'a'."""
+    head = number.split()[0].split(".")[0]
+    return "an" if head.startswith("8") or head in ("11", "18") else "a"
+
+
 def _effusion(rng, p: PathologyParams) -> tuple[str, str]:
     if p.effusion == "none":
         return _pick(rng, ["No pleural effusion.", "There is no pleural effusion.",
@@ -95,8 +101,9 @@ def _lesions(rng, p: PathologyParams) -> tuple[str, str]:
     for lesion in p.lesions:
         kinds.add(lesion.kind)
         size, where = _size(rng, lesion.size_mm), _lobe(lesion.lobe)
-        parts.append(_pick(rng, [f"A {size} solid {lesion.kind} in the {where}.",
-                                 f"There is a {size} {lesion.kind} in the {where}.",
+        article = _article(size)
+        parts.append(_pick(rng, [f"{article.capitalize()} {size} solid {lesion.kind} in the {where}.",
+                                 f"There is {article} {size} {lesion.kind} in the {where}.",
                                  f"{lesion.kind.capitalize()} measuring {size} in the {where}."]))  # fmt: skip
     impression = (
         "Pulmonary mass." if "mass" in kinds else "Pulmonary nodule" + ("s." if len(p.lesions) > 1 else ".")
