@@ -65,7 +65,8 @@ def _heart(rng, p: PathologyParams) -> tuple[str, str]:
                            "No cardiomegaly.", "Normal cardiac size without pericardial effusion."]), ""  # fmt: skip
     grade = "marked" if p.ctr >= 0.65 else "mild" if p.ctr < 0.6 else "moderate"
     return _pick(rng, [f"The heart is enlarged ({grade} cardiomegaly).", f"There is {grade} cardiomegaly.",
-                       f"Cardiomegaly, {grade}."]), "Cardiomegaly."  # fmt: skip
+                       f"Cardiomegaly, {grade}.",
+                       f"Cardiomegaly with a cardiothoracic ratio of about {p.ctr:.2f}."]), "Cardiomegaly."  # fmt: skip
 
 
 def _emphysema(rng, p: PathologyParams) -> tuple[str, str]:
