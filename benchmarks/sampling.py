@@ -33,6 +33,8 @@ from medsyn.data.channels import decode_volume  # noqa: E402
 MEDSYN_PFLOP = 2.24  # MedSyn's released defaults: 50 base steps with guidance + 20 SR steps at 256^3
 PAPER_DICE = {"lobes": 0.77, "airway": 0.75}
 STATS = ("lung_fraction", "laa950", "lobe_lung_hu")
+# a difference below these is noise whatever the data's spread (fractions; %LAA in percent points)
+FLOORS = {"lung_fraction": 0.01, "laa950": 1.0, "lobe_lung_hu": 0.01}
 
 
 # ---- cost ------------------------------------------------------------------------------------------
@@ -122,7 +124,8 @@ def data_statistics(cache: Path, key: str, limit: int = 64) -> dict[str, tuple[f
 
     rows = [statistics(**decode_pair(load_array(r[key]))) for r in read_cache_manifest(cache)[:limit]]
     return {
-        k: (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]) + 1e-6)) for k in STATS
+        k: (float(np.mean([r[k] for r in rows])), max(float(np.std([r[k] for r in rows])), FLOORS[k]))
+        for k in STATS
     }
 
 
@@ -132,7 +135,7 @@ def decode_pair(x: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def distance(samples: list[dict[str, float]], data: dict[str, tuple[float, float]]) -> float:
-    """Mean over statistics of |sample mean - data mean| / data std."""
+    """Mean over statistics of |sample mean - data mean| / max(data std, floor)."""
     return float(np.mean([abs(np.mean([s[k] for s in samples]) - data[k][0]) / data[k][1] for k in STATS]))
 
 
