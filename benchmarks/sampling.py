@@ -134,9 +134,12 @@ def decode_pair(x: np.ndarray) -> dict[str, np.ndarray]:
     return {"ct": out["ct"], "lobes": out["lobes"]}
 
 
-def distance(samples: list[dict[str, float]], data: dict[str, tuple[float, float]]) -> float:
-    """Mean over statistics of |sample mean - data mean| / max(data std, floor)."""
-    return float(np.mean([abs(np.mean([s[k] for s in samples]) - data[k][0]) / data[k][1] for k in STATS]))
+def distance(samples: list[dict[str, float]], data: dict[str, tuple[float, float]]) -> tuple[float, float]:
+    """Mean over statistics of |sample mean - data mean| / max(data std, floor), and its standard error
+    from the spread of the samples (the noise of a few samples: differences below it do not count)."""
+    d = [abs(np.mean([s[k] for s in samples]) - data[k][0]) / data[k][1] for k in STATS]
+    se = [np.std([s[k] for s in samples]) / math.sqrt(len(samples)) / data[k][1] for k in STATS]
+    return float(np.mean(d)), float(np.mean(se))
 
 
 def cmd_compare(args: argparse.Namespace) -> dict:
@@ -152,6 +155,7 @@ def cmd_compare(args: argparse.Namespace) -> dict:
     prompts = [report_text(rows[i % len(rows)]) for i in range(args.num_samples)]
     seeds = list(range(args.num_samples))
     results: dict[str, dict[int, float]] = {}
+    errors: dict[str, dict[int, float]] = {}
     for sampler in args.samplers:
         for steps in args.steps:
             start = time.perf_counter()
@@ -163,18 +167,20 @@ def cmd_compare(args: argparse.Namespace) -> dict:
                     base, sr, prompts[i : i + args.batch_size], seeds[i : i + args.batch_size], opts
                 )
                 stats += [statistics(**decode_pair(v.numpy())) for v in x]
-            results.setdefault(sampler, {})[steps] = distance(stats, data)
-            print(f"{sampler:10s} {steps:4d} steps: distance {results[sampler][steps]:.3f} "
+            d, se = distance(stats, data)
+            results.setdefault(sampler, {})[steps], errors.setdefault(sampler, {})[steps] = d, se
+            print(f"{sampler:10s} {steps:4d} steps: distance {d:.3f} +- {se:.3f} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
     reference = results.get("ancestral", {}).get(max(args.steps))
     best = {}
     if reference is not None:
         for sampler, by_steps in results.items():
-            ok = [s for s, d in sorted(by_steps.items()) if d <= reference + args.tolerance]
+            slack = max(args.tolerance, errors["ancestral"][max(args.steps)])
+            ok = [s for s, d in sorted(by_steps.items()) if d <= reference + slack]
             best[sampler] = ok[0] if ok else None
             print(f"{sampler}: fewest steps matching {max(args.steps)}-step ancestral "
-                  f"(distance {reference:.3f} + {args.tolerance}): {best[sampler]}")  # fmt: skip
-    return {"distance": results, "reference": reference, "fewest_steps": best, "data": data}
+                  f"(distance {reference:.3f} + {slack:.3f}): {best[sampler]}")  # fmt: skip
+    return {"distance": results, "stderr": errors, "reference": reference, "fewest_steps": best, "data": data}
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
