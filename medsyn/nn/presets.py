@@ -12,84 +12,70 @@ from __future__ import annotations
 
 from typing import Any
 
-_TEXT = {"cross_attention_dim": 768, "pooled_text": True}
+# what every preset of a stage shares: the base model sees 4 channels and text, the SR model
+# 4 noisy + 4 upsampled channels, a noise-augmentation level and no text
+_BASE = {"spatial_dims": 3, "in_channels": 4, "out_channels": 4, "mid_attention": True, "pooled_text": True}
+_SR = {
+    "spatial_dims": 3,
+    "in_channels": 8,
+    "out_channels": 4,
+    "mid_attention": True,
+    "augment_embedding": True,
+}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "base-700m": {
-        "spatial_dims": 3,
-        "in_channels": 4,
-        "out_channels": 4,
+        **_BASE,
         "num_channels": [96, 192, 384, 1024],
         "num_res_blocks": [1, 2, 2, 2],
-        "mid_attention": True,
         "transformer_depth": 10,
         "num_head_channels": 64,
         "time_embed_dim": 1024,
-        **_TEXT,
+        "cross_attention_dim": 768,
     },
     "sr-light": {
-        "spatial_dims": 3,
-        "in_channels": 8,
-        "out_channels": 4,
+        **_SR,
         "num_channels": [24, 48, 96, 192, 384],
         "num_res_blocks": [1, 1, 2, 2, 1],
-        "mid_attention": True,
         "transformer_depth": 1,
         "num_head_channels": 64,
         "norm_num_groups": 8,
-        "augment_embedding": True,
     },
-    # The CPU demo: the same code at 32^3 -> 64^3 (text width of the demo's tiny BERT).
+    # The CPU demo: the same code at 32^3 -> 128^3 (text width of the demo's small BERT).
     "base-demo": {
-        "spatial_dims": 3,
-        "in_channels": 4,
-        "out_channels": 4,
+        **_BASE,
         "num_channels": [16, 32, 64, 128],
         "num_res_blocks": [1, 1, 2, 2],
-        "mid_attention": True,
         "transformer_depth": 2,
         "num_head_channels": 32,
         "norm_num_groups": 8,
         "cross_attention_dim": 128,
-        "pooled_text": True,
     },
     "sr-demo": {
-        "spatial_dims": 3,
-        "in_channels": 8,
-        "out_channels": 4,
+        **_SR,
         "num_channels": [16, 32, 64, 64],
         "num_res_blocks": [1, 1, 1, 1],
-        "mid_attention": True,
         "transformer_depth": 1,
         "num_head_channels": 32,
         "norm_num_groups": 8,
-        "augment_embedding": True,
     },
     # Unit tests: a few thousand parameters, 8^3-16^3 inputs.
     "base-tiny": {
-        "spatial_dims": 3,
-        "in_channels": 4,
-        "out_channels": 4,
+        **_BASE,
         "num_channels": [16, 32],
         "num_res_blocks": 1,
-        "mid_attention": True,
         "transformer_depth": 1,
         "num_head_channels": 16,
         "norm_num_groups": 8,
         "cross_attention_dim": 32,
-        "pooled_text": True,
     },
     "sr-tiny": {
-        "spatial_dims": 3,
-        "in_channels": 8,
-        "out_channels": 4,
+        **_SR,
         "num_channels": [16, 32],
         "num_res_blocks": 1,
-        "mid_attention": True,
         "transformer_depth": 1,
         "num_head_channels": 16,
         "norm_num_groups": 8,
-        "augment_embedding": True,
     },
 }
 
