@@ -65,6 +65,31 @@ def _time(t: float, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)  # (B,)
 
 
+StepFn = Callable[[torch.Tensor, torch.Tensor, float, float], torch.Tensor]
+
+
+def _integrate(
+    step: StepFn,
+    denoise: DenoiseFn,
+    noise: torch.Tensor,
+    ts: torch.Tensor,
+    callback: Callback | None,
+    project: ProjectFn | None,
+) -> torch.Tensor:
+    """The loop every sampler shares: denoise at t, report, move to s with `step(x, x0, t, s)`
+    (or return x0 when s = 0), then project. Samplers differ only in their step."""
+    times = _check_grid(ts)
+    x = noise
+    for i, (t, s) in enumerate(zip(times[:-1], times[1:], strict=True)):
+        x0 = denoise(x, _time(t, x))
+        if callback is not None:
+            callback(i, _time(t, x), x, x0)
+        x = x0 if s <= 0.0 else step(x, x0, t, s)
+        if project is not None:
+            x = project(x, _time(s, x))
+    return x
+
+
 @torch.no_grad()
 def sample_ancestral(
     denoise: DenoiseFn,
@@ -82,27 +107,18 @@ def sample_ancestral(
     (alpha_{t|s} sigma_s^2 x_t + alpha_s sigma_{t|s}^2 x0_hat) / sigma_t^2 and variance
     sigma_{t|s}^2 sigma_s^2 / sigma_t^2. Stochastic: uses `generators` for the fresh noise.
     """
-    times = _check_grid(ts)
-    x = noise
-    for i, (t, s) in enumerate(zip(times[:-1], times[1:], strict=True)):
-        x0 = denoise(x, _time(t, x))
-        if callback is not None:
-            callback(i, _time(t, x), x, x0)
-        if s <= 0.0:
-            x = x0
-        else:
-            alpha_t, sigma_t, lam_t = _scales(schedule, t)
-            alpha_s, sigma_s, lam_s = _scales(schedule, s)
-            # sigma_{t|s}^2 / sigma_t^2 = 1 - SNR(t) / SNR(s), via expm1 for accuracy on small steps.
-            c = -math.expm1(lam_t - lam_s)
-            alpha_ts = alpha_t / alpha_s
-            mean = (alpha_ts * sigma_s**2 / sigma_t**2) * x + (alpha_s * c) * x0
-            std = sigma_s * math.sqrt(c)  # sqrt(sigma_{t|s}^2 sigma_s^2 / sigma_t^2)
-            z = randn_per_sample(x.shape, generators, x.device, x.dtype)
-            x = mean + std * z
-        if project is not None:
-            x = project(x, _time(s, x))
-    return x
+
+    def step(x: torch.Tensor, x0: torch.Tensor, t: float, s: float) -> torch.Tensor:
+        alpha_t, sigma_t, lam_t = _scales(schedule, t)
+        alpha_s, sigma_s, lam_s = _scales(schedule, s)
+        # sigma_{t|s}^2 / sigma_t^2 = 1 - SNR(t) / SNR(s), via expm1 for accuracy on small steps.
+        c = -math.expm1(lam_t - lam_s)
+        alpha_ts = alpha_t / alpha_s
+        mean = (alpha_ts * sigma_s**2 / sigma_t**2) * x + (alpha_s * c) * x0
+        std = sigma_s * math.sqrt(c)  # sqrt(sigma_{t|s}^2 sigma_s^2 / sigma_t^2)
+        return mean + std * randn_per_sample(x.shape, generators, x.device, x.dtype)
+
+    return _integrate(step, denoise, noise, ts, callback, project)
 
 
 @torch.no_grad()
@@ -118,25 +134,18 @@ def sample_ddim(
 ) -> torch.Tensor:
     """DDIM (Song et al., 2021): x_s = alpha_s x0_hat + sigma_s eps_hat, deterministic for eta = 0
     (a first-order solver of the probability-flow ODE). eta = 1 matches ancestral sampling."""
-    times = _check_grid(ts)
-    x = noise
-    for i, (t, s) in enumerate(zip(times[:-1], times[1:], strict=True)):
-        x0 = denoise(x, _time(t, x))
-        if callback is not None:
-            callback(i, _time(t, x), x, x0)
-        if s <= 0.0:
-            x = x0
-        else:
-            alpha_t, sigma_t, lam_t = _scales(schedule, t)
-            alpha_s, sigma_s, lam_s = _scales(schedule, s)
-            eps = (x - alpha_t * x0) / sigma_t  # implied noise estimate
-            std = eta * sigma_s * math.sqrt(-math.expm1(lam_t - lam_s))  # eta x posterior std
-            x = alpha_s * x0 + math.sqrt(max(sigma_s**2 - std**2, 0.0)) * eps
-            if std > 0.0:
-                x = x + std * randn_per_sample(x.shape, generators, x.device, x.dtype)
-        if project is not None:
-            x = project(x, _time(s, x))
-    return x
+
+    def step(x: torch.Tensor, x0: torch.Tensor, t: float, s: float) -> torch.Tensor:
+        alpha_t, sigma_t, lam_t = _scales(schedule, t)
+        alpha_s, sigma_s, lam_s = _scales(schedule, s)
+        eps = (x - alpha_t * x0) / sigma_t  # implied noise estimate
+        std = eta * sigma_s * math.sqrt(-math.expm1(lam_t - lam_s))  # eta x posterior std
+        x = alpha_s * x0 + math.sqrt(max(sigma_s**2 - std**2, 0.0)) * eps
+        if std > 0.0:
+            x = x + std * randn_per_sample(x.shape, generators, x.device, x.dtype)
+        return x
+
+    return _integrate(step, denoise, noise, ts, callback, project)
 
 
 @torch.no_grad()
@@ -153,30 +162,21 @@ def sample_dpmpp_2m(
     ODE in data prediction, with lambda = log(alpha / sigma) and h = lambda_s - lambda_t:
     x_s = (sigma_s / sigma_t) x_t + alpha_s (1 - e^{-h}) D, where D = x0_hat on the first step and
     D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_prev after it (r = h_prev / h). Deterministic."""
-    times = _check_grid(ts)
-    x = noise
-    x0_prev: torch.Tensor | None = None
-    h_prev = 0.0
-    for i, (t, s) in enumerate(zip(times[:-1], times[1:], strict=True)):
-        x0 = denoise(x, _time(t, x))
-        if callback is not None:
-            callback(i, _time(t, x), x, x0)
-        if s <= 0.0:
-            x = x0
+    previous: dict[str, object] = {}  # x0 and h of the last step, for the multistep correction
+
+    def step(x: torch.Tensor, x0: torch.Tensor, t: float, s: float) -> torch.Tensor:
+        _, sigma_t, lam_t = _scales(schedule, t)
+        alpha_s, sigma_s, lam_s = _scales(schedule, s)
+        h = 0.5 * (lam_s - lam_t)  # lambda = logsnr / 2
+        if not previous:
+            d = x0
         else:
-            _, sigma_t, lam_t = _scales(schedule, t)
-            alpha_s, sigma_s, lam_s = _scales(schedule, s)
-            h = 0.5 * (lam_s - lam_t)  # lambda = logsnr / 2
-            if x0_prev is None:
-                d = x0
-            else:
-                r = h_prev / h
-                d = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
-            x = (sigma_s / sigma_t) * x - (alpha_s * math.expm1(-h)) * d
-            x0_prev, h_prev = x0, h
-        if project is not None:
-            x = project(x, _time(s, x))
-    return x
+            r = previous["h"] / h
+            d = (1.0 + 0.5 / r) * x0 - (0.5 / r) * previous["x0"]
+        previous.update(x0=x0, h=h)
+        return (sigma_s / sigma_t) * x - (alpha_s * math.expm1(-h)) * d
+
+    return _integrate(step, denoise, noise, ts, callback, project)
 
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
