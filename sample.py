@@ -1,7 +1,7 @@
 """Sample chest CT volumes with masks from trained runs: `python sample.py --base RUN --prompt "..." --out DIR`.
 
 Parse, build, run: prompts (and seeds) from the command line or a file, the runs from their
-directories, fixed channels from `--fix`, then `medsyn.pipeline.run_sampling` writes OUT/<index>/.
+directories, fixed channels from `--fix`, then `medsyn.generation.output.run_sampling` writes OUT/<index>/.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sr-steps", type=int, default=10, help="SR sampler steps")
     p.add_argument("--sampler", default="dpmpp-2m", choices=["ancestral", "ddim", "dpmpp-2m"])
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
+                   help="guide only for diffusion times t in [LOW, HIGH] (default: 0 1, everywhere)")  # fmt: skip
+    p.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="blend the guided estimate with one rescaled to the conditional std (0..1)")  # fmt: skip
     p.add_argument("--fix", action="append", default=[], metavar="CHANNEL=PATH",
                    help="hold a channel (ct, lobes, airway, vessels) fixed to a NIfTI file (repeatable)")  # fmt: skip
     p.add_argument("--resample-rounds", type=int, default=0, help="RePaint resampling rounds per step")
@@ -40,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--window", type=int, default=144, help="SR window size (voxels) in window mode")
     p.add_argument("--overlap", type=float, default=0.2, help="SR window overlap fraction in window mode")
+    p.add_argument("--sr-noise", type=float, default=None,
+                   help="noise-augmentation level of the SR input (default: the SR run's lowres.noise_sample)")  # fmt: skip
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     return p
@@ -79,15 +85,18 @@ def main(args: argparse.Namespace) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from medsyn.inference import load_run
-    from medsyn.marginal import load_fixed, parse_fix, read_fixed
-    from medsyn.pipeline import SampleOptions, run_sampling
+    from medsyn.generation.fixed import load_fixed, parse_fix, read_fixed
+    from medsyn.generation.output import run_sampling
+    from medsyn.generation.run import load_run
+    from medsyn.generation.stages import SampleOptions
 
     prompts = [(p, None) for p in args.prompt] + (
         read_prompts(args.prompts_file) if args.prompts_file else []
     )
     if not prompts:
         raise DataError("no prompt given; pass --prompt TEXT or --prompts-file FILE")
+    if args.sr_noise is not None and not args.sr:
+        raise DataError("--sr-noise sets the SR model's input noise; it needs --sr RUN_DIR")
     if args.num_samples < 1:
         raise DataError(f"--num-samples {args.num_samples}: expected a positive integer")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -97,8 +106,9 @@ def main(args: argparse.Namespace) -> int:
         raise DataError(f"{out}: exists and is not empty; pass --overwrite to replace it")
     options = SampleOptions(
         steps=args.steps, sr_steps=args.sr_steps, sampler=args.sampler, guidance=args.guidance,
+        guidance_interval=tuple(args.guidance_interval), guidance_rescale=args.guidance_rescale,
         resample_rounds=args.resample_rounds, sr_mode=args.sr_mode, window=args.window,
-        overlap=args.overlap, batch_size=args.batch_size,
+        overlap=args.overlap, lowres_noise=args.sr_noise, batch_size=args.batch_size,
     )  # fmt: skip
     raw = read_fixed(parse_fix(args.fix))  # bad files fail here, before any model loads
     hf_logging.disable_progress_bar()

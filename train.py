@@ -8,7 +8,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train the medsyn base (text-to-64^3) or SR (256^3) model.")
-    parser.add_argument("stage", choices=["base", "sr", "text"], help="which model to train")
+    parser.add_argument("stage", choices=["base", "sr"], help="which model to train")
     parser.add_argument("--config", help="run config YAML (defaults of the stage when omitted)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. trainer.max_steps=20")
     args = parser.parse_intermixed_args(argv)
@@ -16,10 +16,6 @@ def main(argv: list[str] | None = None) -> int:
     from medsyn.cli import run_cli
 
     def run() -> int:
-        from medsyn.errors import MedsynError
-
-        if args.stage == "text":
-            raise MedsynError("train.py text (BERT fine-tuning) is not available yet; base and sr are")
         from medsyn.training.config import load_run_config
         from medsyn.training.run import train
 

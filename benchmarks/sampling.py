@@ -79,15 +79,14 @@ def cmd_flops(args: argparse.Namespace) -> dict:
 # ---- memory ----------------------------------------------------------------------------------------
 def _memory_child(args: argparse.Namespace) -> None:
     """One SR step at `size`^3 with a random `preset` model; prints peak RSS (GB) and seconds as JSON."""
-    import medsyn
-    from medsyn.diffusion import Denoiser, build_schedule
-    from medsyn.pipeline import generate_sr
+    from medsyn.generation.model import build_diffusion_model
+    from medsyn.generation.stages import generate_sr
 
-    denoiser = Denoiser(medsyn.build_model(args.preset), build_schedule("cosine")).eval()
+    model = build_diffusion_model({"model": {"preset": args.preset}, "lowres": {}}).eval()
     lowres = torch.zeros(1, 4, *(args.size,) * 3)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     start = time.perf_counter()
-    generate_sr(denoiser, lowres, [0], steps=args.sr_steps, window=args.window, overlap=args.overlap)
+    generate_sr(model, lowres, [0], steps=args.sr_steps, window=args.window, overlap=args.overlap)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps({"peak_gb": peak, "before_gb": before, "seconds": time.perf_counter() - start}))
 
@@ -145,8 +144,8 @@ def distance(samples: list[dict[str, float]], data: dict[str, tuple[float, float
 def cmd_compare(args: argparse.Namespace) -> dict:
     from medsyn.data.cache import read_cache_manifest
     from medsyn.data.datamodule import report_text
-    from medsyn.inference import load_run
-    from medsyn.pipeline import SampleOptions, synthesize
+    from medsyn.generation.run import load_run
+    from medsyn.generation.stages import SampleOptions, synthesize
 
     base = load_run(args.base, stage="base")
     sr = load_run(args.sr, stage="sr") if args.sr else None
@@ -183,16 +182,12 @@ def cmd_compare(args: argparse.Namespace) -> dict:
     return {"distance": results, "stderr": errors, "reference": reference, "fewest_steps": best, "data": data}
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    denom = a.sum() + b.sum()
-    return float(2.0 * (a & b).sum() / denom) if denom else 1.0
-
-
 def cmd_segment(args: argparse.Namespace) -> dict:
     """Dice of lobes (mean over labels 1..5) and airway sampled with the CT of held-out subjects fixed."""
     from medsyn.data.cache import load_array, read_cache_manifest
-    from medsyn.inference import load_run
-    from medsyn.marginal import segment_with_model
+    from medsyn.data.segment import dice
+    from medsyn.generation.run import load_run
+    from medsyn.generation.segment import segment_with_model
 
     base = load_run(args.base, stage="base")
     sr = load_run(args.sr, stage="sr") if args.sr else None

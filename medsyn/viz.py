@@ -1,7 +1,7 @@
 """Slice previews of a CT volume with lobe, airway and vessel overlays, as RGB arrays or PNG files.
 
 One renderer for every picture the project makes: training previews logged to W&B, `preview.png`
-beside each sample, `medsyn evaluate` figures and the phantom generator's checks.
+beside each sample and the phantom generator's checks.
 
 Orientation. Volumes are RAS+ arrays as in nibabel, MONAI `Orientation("RAS")` and
 `medsyn.data.nifti.spacing_affine`: index [i, j, k] grows towards the patient's Right, Anterior and

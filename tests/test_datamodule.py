@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from medsyn.data import cache
-from medsyn.data.datamodule import BaseDataModule, SRDataModule, report_text, upsample, upsampled_crop
+from medsyn.data.datamodule import BaseDataModule, SRDataModule, report_text, upsampled_crop
+from medsyn.data.grid import upsample
 from medsyn.errors import ConfigError, DataError
 
 SPLIT = {"s0": "train", "s1": "train", "s2": "train", "s3": "train", "s4": "val", "s5": "test"}

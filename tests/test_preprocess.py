@@ -9,15 +9,8 @@ import numpy as np
 import pytest
 from nibabel.testing import data_path
 
-from medsyn.data.channels import encode_ct
-from medsyn.data.preprocess import (
-    PreprocessConfig,
-    apply_rescale,
-    encode_channels,
-    override_spacing,
-    to_grid,
-    window_ct,
-)
+from medsyn.data.channels import encode_ct, encode_volume
+from medsyn.data.preprocess import PreprocessConfig, apply_rescale, override_spacing, to_grid
 from medsyn.errors import ConfigError
 
 
@@ -92,11 +85,11 @@ def test_nibabel_test_images_come_out_ras(filename: str):
         assert neighbourhood.max() >= 0.5 * float(array.max())
 
 
-def test_window_matches_channel_encoding():
+def test_prepared_channels_use_the_hu_window():
     hu = np.array([-3000.0, -1024.0, -212.0, 600.0, 3000.0], np.float32)
-    np.testing.assert_allclose(window_ct(hu), encode_ct(hu), atol=1e-6)
-    stack = encode_channels(
-        hu, {"lobes": np.array([0, 1, 2, 3, 5]), "airway": np.ones(5), "vessels": np.zeros(5)}
+    np.testing.assert_allclose(encode_ct(hu), [-1.0, -1.0, 0.0, 1.0, 1.0], atol=1e-6)
+    stack = encode_volume(
+        {"ct": hu, "lobes": np.array([0, 1, 2, 3, 5]), "airway": np.ones(5), "vessels": np.zeros(5)}
     )
     assert stack.shape == (4, 5) and stack.dtype == np.float32
     np.testing.assert_allclose(stack[1], [-1.0, -0.6, -0.2, 0.2, 1.0], atol=1e-6)

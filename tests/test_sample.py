@@ -16,11 +16,11 @@ from training_fixtures import make_cache, make_text_model
 
 from medsyn.config import to_container
 from medsyn.data.nifti import spacing_affine
-from medsyn.inference import load_run
-from medsyn.pipeline import SampleOptions, synthesize
+from medsyn.generation.model import build_diffusion_model
+from medsyn.generation.run import load_run
+from medsyn.generation.stages import SampleOptions, synthesize
 from medsyn.training.config import load_run_config
-from medsyn.training.export import export_weights, sha256_file
-from medsyn.training.module import DiffusionModule
+from medsyn.weights import export_weights, sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16  # hr grid 16^3 at 16 mm, base grid 4^3 at 64 mm
@@ -35,12 +35,12 @@ def make_runs(root: Path, size: int = SIZE) -> dict[str, Path]:
         over = [f"run_dir={root / stage}", f"model.preset={stage}-tiny", f"data.root={cache}"]
         over += [f"text.model={bert}"] if stage == "base" else []
         cfg = to_container(load_run_config(stage, None, over))
-        module = DiffusionModule(stage, cfg["model"], cfg["diffusion"], cfg["optim"], cfg.get("text"))
+        model = build_diffusion_model(cfg)
         gen = torch.Generator().manual_seed(1 if stage == "base" else 2)
         with torch.no_grad():
-            for p in module.denoiser.net.parameters():
+            for p in model.denoiser.net.parameters():
                 p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-        export_weights(root / stage / "model.safetensors", module.exported_state(), {**cfg, "global_step": 0})
+        export_weights(root / stage / "model.safetensors", model.exported_state(), {**cfg, "global_step": 0})
         runs[stage] = root / stage
     return runs
 
@@ -174,3 +174,28 @@ def test_wrong_stage_run_is_named(runs, tmp_path, capsys):
     assert run_sample("--base", runs["sr"], "--prompt", "x", "--out", tmp_path / "o", *FAST) == 2
     assert "is a 'sr' run, expected a 'base' run" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_guidance_options_reach_the_sample(runs, tmp_path):
+    common = ("--base", runs["base"], "--prompt", "Effusion.", *FAST)
+    assert run_sample(*common, "--out", tmp_path / "a") == 0
+    assert run_sample(*common, "--out", tmp_path / "b", "--guidance-interval", "0.2", "0.8",
+                      "--guidance-rescale", "0.5") == 0  # fmt: skip
+    meta = json.loads((tmp_path / "b" / "0" / "meta.json").read_text())
+    assert meta["options"]["guidance_interval"] == [0.2, 0.8] and meta["options"]["guidance_rescale"] == 0.5
+    a, b = (nib.load(tmp_path / d / "0" / "ct.nii.gz").get_fdata() for d in "ab")
+    assert not np.array_equal(a, b)
+
+
+def test_sr_noise_outside_the_trained_range_is_refused(runs, tmp_path, capsys):
+    out = tmp_path / "o"
+    common = ("--base", runs["base"], "--prompt", "x", "--out", out, *FAST)
+    assert run_sample(*common, "--sr", runs["sr"], "--sr-noise", "0.5") == 2
+    err = capsys.readouterr().err.strip()
+    assert "--sr-noise=0.5" in err and "[0, 0.2]" in err and len(err.splitlines()) == 1
+    assert run_sample(*common, "--sr-noise", "0.1") == 2
+    assert "needs --sr" in capsys.readouterr().err
+    assert (
+        run_sample(*common, "--sr", runs["sr"], "--sr-noise", "0.1", "--guidance-interval", "0.9", "0.1") == 2
+    )
+    assert "guidance interval" in capsys.readouterr().err and not out.exists()

@@ -240,3 +240,24 @@ def test_errors_name_the_problem():
         sample_ddim(gaussian_denoise, torch.randn(1, *SHAPE), torch.linspace(0, 1, 5), SCHED)
     with pytest.raises(ValueError, match="at least 2 times"):
         sample_ddim(gaussian_denoise, torch.randn(1, *SHAPE), torch.ones(1), SCHED)
+
+
+def test_resample_rounds_keep_a_multistep_solver_multistep():
+    """Bug: RePaint rounds ran every step as a single-step call, so dpmpp-2m silently became DDIM."""
+    schedule = CosineSchedule()
+    ts = time_grid(6, "logsnr", schedule)
+    noise = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+
+    def denoise(x, t):
+        return torch.tanh(0.7 * x) + 0.1 * append_dims(t, x.ndim)
+
+    def run(name, rounds):
+        gens = [torch.Generator().manual_seed(i) for i in range(2)]
+        return sample(name, denoise, noise, ts, schedule, generators=gens, resample_rounds=rounds)
+
+    assert not torch.allclose(run("dpmpp-2m", 2), run("ddim", 2))
+    assert torch.equal(run("dpmpp-2m", 0), run("dpmpp-2m", 0)) and not torch.equal(
+        run("dpmpp-2m", 1), run("dpmpp-2m", 0)
+    )
+    with pytest.raises(ValueError, match="resample_rounds"):
+        run("ddim", -1)

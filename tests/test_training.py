@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from training_fixtures import make_cache, make_text_model
 
 from medsyn.training.config import load_run_config
-from medsyn.training.export import load_weights
 from medsyn.training.module import NonFiniteLossError
 from medsyn.training.run import train
+from medsyn.weights import load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -44,7 +44,7 @@ def make_cache(root: Path, n: int = 8, size: int = 32, factor: int = 4, seed: in
 
 
 def make_text_model(root: Path, hidden_size: int = 32) -> Path:
-    from medsyn.text import build_tiny_bert
+    from medsyn.conditioning import build_tiny_bert
 
     texts = [f"FINDINGS: {f} IMPRESSION: {i}" for f, i in REPORTS] * 4
     return build_tiny_bert(root, texts, hidden_size=hidden_size, num_layers=1, num_heads=2, vocab_size=200)

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from medsyn.errors import ConfigError
-from medsyn.models import build_model
+from medsyn.nn.build import build_model
 from medsyn.nn.inspect import profile_model
 from medsyn.nn.presets import DEFAULT_SIZE, PRESETS
 

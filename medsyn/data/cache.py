@@ -66,8 +66,8 @@ def is_done(root: str | os.PathLike, subject_id: str) -> bool:
     return (Path(root) / subject_id / META_FILE).is_file()
 
 
-def report_text(findings: str, impression: str) -> str:
-    """The report as one text: `Findings: ...` and `Impression: ...` paragraphs."""
+def report_file(findings: str, impression: str) -> str:
+    """The contents of `report.txt`: `Findings: ...` and `Impression: ...` paragraphs."""
     return f"Findings: {findings}\n\nImpression: {impression}\n"
 
 
@@ -85,7 +85,7 @@ def write_subject(
         np.save(tmp / HR_FILE, np.asarray(hr, dtype=CACHE_DTYPE))
         np.save(tmp / LR_FILE, np.asarray(lr, dtype=CACHE_DTYPE))
         write_json(tmp / META_FILE, meta)
-        write_text(tmp / REPORT_FILE, report_text(meta["findings"], meta["impression"]))
+        write_text(tmp / REPORT_FILE, report_file(meta["findings"], meta["impression"]))
     return target
 
 

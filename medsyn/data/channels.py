@@ -1,4 +1,4 @@
-"""Channel conventions shared by data, training and sampling (see DESIGN.md).
+"""Channel conventions shared by data, training and generation.
 
 The four channels are always in the order `ct, lobes, airway, vessels`:
 - ct: Hounsfield units clipped to [-1024, 600], mapped linearly to [-1, 1];

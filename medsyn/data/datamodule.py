@@ -7,27 +7,26 @@
   batches `{"x": (B, 4, c, c, c), "lowres": (B, 4, c, c, c), "text": ..., "id": ...}`.
 
 Arrays are memory-mapped: an SR item reads only its crop (and the matching lr block) from disk.
-Splits come from the manifest's `split` column. Training crops are drawn from torch's RNG, which the
-DataLoader seeds per worker from its seeded generator; evaluation crops depend only on (seed, index).
+Splits come from the manifest's `split` column. Training crops are seeded by the resumable sampler's draw
+id, evaluation crops by (seed, index); DataLoader workers are seeded by Lightning (`seed_everything`
+with `workers=True`).
 """
 
 from __future__ import annotations
 
 import os
-import random
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from medsyn.data.cache import SPLITS, load_array, read_cache_manifest
+from medsyn.data.grid import UPSAMPLE_MODES, upsample
+from medsyn.data.resumable import ResumableSampler
 from medsyn.errors import ConfigError, DataError
-from medsyn.training.sampler import ResumableSampler
 
 TEXT_MODES = ("findings", "impression", "both")
-UPSAMPLE_MODES = ("nearest", "trilinear")
 
 
 def report_text(row: dict, text: str = "both") -> str:
@@ -36,14 +35,6 @@ def report_text(row: dict, text: str = "both") -> str:
         raise ConfigError(f"text={text!r}: expected one of {TEXT_MODES}")
     parts = [row["findings"], row["impression"]] if text == "both" else [row[text]]
     return " ".join(p.strip() for p in parts if p and p.strip())
-
-
-def upsample(lr: torch.Tensor, factor: int, mode: str = "nearest") -> torch.Tensor:
-    """(C, d, h, w) -> (C, d*f, h*f, w*f) by nearest or trilinear interpolation (align_corners=False)."""
-    if mode not in UPSAMPLE_MODES:
-        raise ConfigError(f"upsample={mode!r}: expected one of {UPSAMPLE_MODES}")
-    kwargs = {"align_corners": False} if mode == "trilinear" else {}
-    return F.interpolate(lr[None].float(), scale_factor=factor, mode=mode, **kwargs)[0]
 
 
 def upsampled_crop(lr: np.ndarray, corner, crop: int, factor: int, mode: str = "nearest") -> torch.Tensor:
@@ -137,13 +128,6 @@ def _split_key(key: int | tuple[int, int]) -> tuple[int, int | None]:
     return int(key), None
 
 
-def seed_worker(worker_id: int) -> None:
-    """Seed numpy and `random` in a DataLoader worker from its torch seed (set by the loader's generator)."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 class CacheDataModule(pl.LightningDataModule):
     """Shared loading logic: manifest splits, seeded loaders; subclasses build the datasets."""
 
@@ -178,7 +162,6 @@ class CacheDataModule(pl.LightningDataModule):
             shuffle=shuffle,
             sampler=sampler,
             num_workers=self.num_workers,
-            worker_init_fn=seed_worker,
             generator=torch.Generator().manual_seed(self.seed),
             persistent_workers=self.num_workers > 0,
             drop_last=sampler is not None and len(dataset) >= self.batch_size,

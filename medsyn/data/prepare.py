@@ -19,8 +19,8 @@ import numpy as np
 from tqdm import tqdm
 
 from medsyn.data import cache
-from medsyn.data.channels import MASK_CHANNELS, NUM_LOBE_LABELS
-from medsyn.data.preprocess import PreprocessConfig, apply_rescale, encode_channels, override_spacing, to_grid
+from medsyn.data.channels import MASK_CHANNELS, NUM_LOBE_LABELS, encode_volume
+from medsyn.data.preprocess import PreprocessConfig, apply_rescale, override_spacing, to_grid
 from medsyn.data.readers import Subject, load_volume, read_input
 from medsyn.data.segment import DEFAULT_BACKEND, Segmenter, get_backend, segment
 from medsyn.errors import ConfigError, DataError
@@ -91,7 +91,7 @@ def prepare_subject(subject: Subject, out: Path, options: PrepareOptions, backen
     ct, given, grid_affine = to_grid(hu, affine, given, options.preprocess)
     missing = [c for c in MASK_CHANNELS if c not in given]
     masks = segment(ct, grid_affine, backend if missing else None, given=given)
-    hr = encode_channels(ct, masks)
+    hr = encode_volume({"ct": ct, **masks})
     lr = cache.downsample(hr, options.lr_factor)
     lr_affine = grid_affine.copy()
     lr_affine[:3, :3] *= options.lr_factor

@@ -1,4 +1,4 @@
-"""Bring a CT and its masks onto the training grid: RAS, isotropic spacing, a cubic size, HU window.
+"""Bring a CT and its masks onto the training grid: RAS, isotropic spacing, a cubic size.
 
 One chain of MONAI transforms (Orientation -> Spacing -> [Resize] -> ResizeWithPadOrCrop) is run on the
 CT (trilinear) and on every mask (nearest neighbour), so all channels share one grid and one affine.
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Orientation, Resize, ResizeWithPadOrCrop, ScaleIntensityRange, Spacing
+from monai.transforms import Orientation, Resize, ResizeWithPadOrCrop, Spacing
 
-from medsyn.data.channels import CHANNELS, HU_MAX, HU_MIN, encode_channel
+from medsyn.data.channels import HU_MIN
 from medsyn.errors import ConfigError
 
 FITS = ("crop", "resize")
@@ -85,18 +85,3 @@ def to_grid(
         resampled, _ = _resample(mask, affine, cfg, label=True)
         out_masks[name] = np.rint(np.asarray(resampled)).astype(np.uint8)
     return ct, out_masks, out_affine
-
-
-def window_ct(ct_hu: np.ndarray) -> np.ndarray:
-    """HU -> [-1, 1] with the design's window [-1024, 600] (MONAI ScaleIntensityRange, clipped)."""
-    scale = ScaleIntensityRange(
-        a_min=HU_MIN, a_max=HU_MAX, b_min=-1.0, b_max=1.0, clip=True, dtype=np.float32
-    )
-    return np.asarray(scale(np.asarray(ct_hu, dtype=np.float32)), dtype=np.float32)
-
-
-def encode_channels(ct_hu: np.ndarray, masks: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Stack the CT (windowed) and the three masks into the (4, *spatial) diffusion range array."""
-    planes = [window_ct(ct_hu)]
-    planes += [np.asarray(encode_channel(name, masks[name]), dtype=np.float32) for name in CHANNELS[1:]]
-    return np.stack(planes)

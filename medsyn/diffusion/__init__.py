@@ -1,17 +1,19 @@
 """Diffusion core: cosine schedule in continuous time, x0/eps/v denoiser, per-sample loss,
-classifier-free guidance and samplers sharing one signature.
+classifier-free guidance, samplers sharing one signature and inpainting (fixed channels, RePaint).
 
 Everything talks through one interface, `denoise(x, t) -> x0` with x (B, C, ...) and t (B,) in [0, 1],
 and works unchanged for 2-D images and 3-D volumes.
 """
 
-from medsyn.diffusion.denoiser import PARAMETERIZATIONS, Denoiser
+from medsyn.diffusion.denoiser import PARAMETERIZATIONS, Denoiser, build_denoiser
 from medsyn.diffusion.guidance import ClassifierFreeGuidance, guided_denoiser
+from medsyn.diffusion.inpaint import HoldFixed
 from medsyn.diffusion.loss import DiffusionLoss, sample_times
 from medsyn.diffusion.sampling import (
     SAMPLERS,
     get_sampler,
     randn_per_sample,
+    renoise,
     sample,
     sample_ancestral,
     sample_ddim,
@@ -35,11 +37,14 @@ __all__ = [
     "CosineSchedule",
     "Denoiser",
     "DiffusionLoss",
+    "HoldFixed",
     "append_dims",
+    "build_denoiser",
     "build_schedule",
     "get_sampler",
     "guided_denoiser",
     "randn_per_sample",
+    "renoise",
     "sample",
     "sample_ancestral",
     "sample_ddim",

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medsyn.diffusion.schedule import Schedule, append_dims
+from medsyn.diffusion.schedule import Schedule, append_dims, build_schedule
 
 PARAMETERIZATIONS: tuple[str, ...] = ("x0", "eps", "v")
 
@@ -113,3 +113,10 @@ class Denoiser(nn.Module):
         """Regression target of x_t = alpha_t x0 + sigma_t noise in `parameterization` (default: own)."""
         alpha, sigma = self.scales(t, x0)
         return target_from(x0, noise, alpha, sigma, parameterization or self.parameterization)
+
+
+def build_denoiser(
+    net: nn.Module, schedule: str = "cosine", schedule_shift: float = 1.0, parameterization: str = "x0"
+) -> Denoiser:
+    """A denoiser around `net` from a run config's `diffusion` section (its keys are these arguments)."""
+    return Denoiser(net, build_schedule(schedule, shift=schedule_shift), parameterization)

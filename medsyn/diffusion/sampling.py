@@ -1,6 +1,7 @@
 """Samplers: a flat library of pure functions with one shared signature (k-diffusion style).
 
-    sample_*(denoise, noise, ts, schedule, generators=None, callback=None, project=None) -> x0 sample
+    sample_*(denoise, noise, ts, schedule, generators=None, callback=None, project=None,
+             resample_rounds=0) -> x0 sample
 
 denoise(x, t) -> x0 estimate, x (B, C, ...) and t (B,); `noise` is the state at ts[0] (usually t = 1);
 `ts` a descending 1-D tensor of times (see `time_grid`), any number of steps. When the grid ends at
@@ -8,13 +9,15 @@ t = 0 the last step returns the denoised x0, so one step [1, 0] returns denoise(
 `generators` holds one torch.Generator per sample: the fresh noise of sample i comes from generator i
 only, so a sample does not depend on the batch it was drawn in. `callback(i, t, x, x0)` sees the state
 before step i and its x0 estimate; `project(x, t) -> x` is applied to the state after every step
-(e.g. to replace fixed channels by their forward-noised value, RePaint-style inpainting).
+(e.g. to replace fixed channels by their forward-noised value, RePaint-style inpainting: see
+`medsyn.diffusion.inpaint`), and `resample_rounds` re-noises and repeats each step that many times.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -65,7 +68,20 @@ def _time(t: float, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)  # (B,)
 
 
-StepFn = Callable[[torch.Tensor, torch.Tensor, float, float], torch.Tensor]
+def renoise(
+    x_s: torch.Tensor, t: float, s: float, schedule: Schedule, generators: Sequence[torch.Generator] | None
+) -> torch.Tensor:
+    """A draw of q(x_t | x_s) for t > s: x_t = (alpha_t / alpha_s) x_s + sigma_{t|s} z (VDM notation)."""
+    alpha_t, sigma_t = (float(v) for v in schedule.alpha_sigma(float(t)))
+    alpha_s, sigma_s = (float(v) for v in schedule.alpha_sigma(float(s)))
+    a = alpha_t / alpha_s
+    std = math.sqrt(max(sigma_t**2 - a**2 * sigma_s**2, 0.0))
+    return a * x_s + std * randn_per_sample(x_s.shape, generators, x_s.device, x_s.dtype)
+
+
+# A sampler's step t -> s: step(x_t, x0_hat, t, s, history) -> (x_s, history). `history` is what a
+# multistep solver carries from one step to the next (None for single-step samplers and at the start).
+StepFn = Callable[[torch.Tensor, torch.Tensor, float, float, Any], tuple[torch.Tensor, Any]]
 
 
 def _integrate(
@@ -73,20 +89,36 @@ def _integrate(
     denoise: DenoiseFn,
     noise: torch.Tensor,
     ts: torch.Tensor,
+    schedule: Schedule,
+    generators: Sequence[torch.Generator] | None,
     callback: Callback | None,
     project: ProjectFn | None,
+    resample_rounds: int = 0,
 ) -> torch.Tensor:
-    """The loop every sampler shares: denoise at t, report, move to s with `step(x, x0, t, s)`
-    (or return x0 when s = 0), then project. Samplers differ only in their step."""
+    """The loop every sampler shares: denoise at t, report, move to s with `step` (or return x0 when
+    s = 0), then project. Samplers differ only in their step.
+
+    resample_rounds: RePaint's resampling (Lugmayr et al., 2022): after a step t -> s (but the last),
+    re-noise x_s to t and take the step again, `resample_rounds` times, so free channels settle in
+    harmony with projected (fixed) ones. Every round starts from the history the step had before the
+    first round, so a multistep solver stays a multistep solver. `callback` reports each step once.
+    """
+    if resample_rounds < 0:
+        raise ValueError(f"resample_rounds must be >= 0, got {resample_rounds}")
     times = _check_grid(ts)
-    x = noise
+    x, history = noise, None
     for i, (t, s) in enumerate(zip(times[:-1], times[1:], strict=True)):
-        x0 = denoise(x, _time(t, x))
-        if callback is not None:
-            callback(i, _time(t, x), x, x0)
-        x = x0 if s <= 0.0 else step(x, x0, t, s)
-        if project is not None:
-            x = project(x, _time(s, x))
+        for r in range(resample_rounds + 1):
+            x0 = denoise(x, _time(t, x))
+            if callback is not None and r == 0:
+                callback(i, _time(t, x), x, x0)
+            x_s, after = (x0, history) if s <= 0.0 else step(x, x0, t, s, history)
+            if project is not None:
+                x_s = project(x_s, _time(s, x_s))
+            if r == resample_rounds or s <= 0.0:
+                break
+            x = renoise(x_s, t, s, schedule, generators)
+        x, history = x_s, after
     return x
 
 
@@ -99,6 +131,7 @@ def sample_ancestral(
     generators: Sequence[torch.Generator] | None = None,
     callback: Callback | None = None,
     project: ProjectFn | None = None,
+    resample_rounds: int = 0,
 ) -> torch.Tensor:
     """Ancestral (DDPM) sampling: draw x_s from the posterior q(x_s | x_t, x0 = x0_hat).
 
@@ -108,7 +141,7 @@ def sample_ancestral(
     sigma_{t|s}^2 sigma_s^2 / sigma_t^2. Stochastic: uses `generators` for the fresh noise.
     """
 
-    def step(x: torch.Tensor, x0: torch.Tensor, t: float, s: float) -> torch.Tensor:
+    def step(x: torch.Tensor, x0: torch.Tensor, t: float, s: float, history: Any) -> tuple[torch.Tensor, Any]:
         alpha_t, sigma_t, lam_t = _scales(schedule, t)
         alpha_s, sigma_s, lam_s = _scales(schedule, s)
         # sigma_{t|s}^2 / sigma_t^2 = 1 - SNR(t) / SNR(s), via expm1 for accuracy on small steps.
@@ -116,9 +149,9 @@ def sample_ancestral(
         alpha_ts = alpha_t / alpha_s
         mean = (alpha_ts * sigma_s**2 / sigma_t**2) * x + (alpha_s * c) * x0
         std = sigma_s * math.sqrt(c)  # sqrt(sigma_{t|s}^2 sigma_s^2 / sigma_t^2)
-        return mean + std * randn_per_sample(x.shape, generators, x.device, x.dtype)
+        return mean + std * randn_per_sample(x.shape, generators, x.device, x.dtype), None
 
-    return _integrate(step, denoise, noise, ts, callback, project)
+    return _integrate(step, denoise, noise, ts, schedule, generators, callback, project, resample_rounds)
 
 
 @torch.no_grad()
@@ -130,12 +163,13 @@ def sample_ddim(
     generators: Sequence[torch.Generator] | None = None,
     callback: Callback | None = None,
     project: ProjectFn | None = None,
+    resample_rounds: int = 0,
     eta: float = 0.0,
 ) -> torch.Tensor:
     """DDIM (Song et al., 2021): x_s = alpha_s x0_hat + sigma_s eps_hat, deterministic for eta = 0
     (a first-order solver of the probability-flow ODE). eta = 1 matches ancestral sampling."""
 
-    def step(x: torch.Tensor, x0: torch.Tensor, t: float, s: float) -> torch.Tensor:
+    def step(x: torch.Tensor, x0: torch.Tensor, t: float, s: float, history: Any) -> tuple[torch.Tensor, Any]:
         alpha_t, sigma_t, lam_t = _scales(schedule, t)
         alpha_s, sigma_s, lam_s = _scales(schedule, s)
         eps = (x - alpha_t * x0) / sigma_t  # implied noise estimate
@@ -143,9 +177,9 @@ def sample_ddim(
         x = alpha_s * x0 + math.sqrt(max(sigma_s**2 - std**2, 0.0)) * eps
         if std > 0.0:
             x = x + std * randn_per_sample(x.shape, generators, x.device, x.dtype)
-        return x
+        return x, None
 
-    return _integrate(step, denoise, noise, ts, callback, project)
+    return _integrate(step, denoise, noise, ts, schedule, generators, callback, project, resample_rounds)
 
 
 @torch.no_grad()
@@ -157,26 +191,27 @@ def sample_dpmpp_2m(
     generators: Sequence[torch.Generator] | None = None,
     callback: Callback | None = None,
     project: ProjectFn | None = None,
+    resample_rounds: int = 0,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al., 2022), the multistep second-order solver of the probability-flow
     ODE in data prediction, with lambda = log(alpha / sigma) and h = lambda_s - lambda_t:
     x_s = (sigma_s / sigma_t) x_t + alpha_s (1 - e^{-h}) D, where D = x0_hat on the first step and
-    D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_prev after it (r = h_prev / h). Deterministic."""
-    previous: dict[str, object] = {}  # x0 and h of the last step, for the multistep correction
+    D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_prev after it (r = h_prev / h). Deterministic; its history is
+    (x0_prev, h_prev)."""
 
-    def step(x: torch.Tensor, x0: torch.Tensor, t: float, s: float) -> torch.Tensor:
+    def step(x: torch.Tensor, x0: torch.Tensor, t: float, s: float, history: Any) -> tuple[torch.Tensor, Any]:
         _, sigma_t, lam_t = _scales(schedule, t)
         alpha_s, sigma_s, lam_s = _scales(schedule, s)
         h = 0.5 * (lam_s - lam_t)  # lambda = logsnr / 2
-        if not previous:
+        if history is None:
             d = x0
         else:
-            r = previous["h"] / h
-            d = (1.0 + 0.5 / r) * x0 - (0.5 / r) * previous["x0"]
-        previous.update(x0=x0, h=h)
-        return (sigma_s / sigma_t) * x - (alpha_s * math.expm1(-h)) * d
+            x0_prev, h_prev = history
+            r = h_prev / h
+            d = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
+        return (sigma_s / sigma_t) * x - (alpha_s * math.expm1(-h)) * d, (x0, h)
 
-    return _integrate(step, denoise, noise, ts, callback, project)
+    return _integrate(step, denoise, noise, ts, schedule, generators, callback, project, resample_rounds)
 
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
@@ -202,10 +237,12 @@ def sample(
     generators: Sequence[torch.Generator] | None = None,
     callback: Callback | None = None,
     project: ProjectFn | None = None,
+    resample_rounds: int = 0,
     **options: float,
 ) -> torch.Tensor:
     """Run the sampler called `name` ("ancestral", "ddim", "dpmpp-2m") with the shared signature;
     `options` go to that sampler only (e.g. eta for "ddim")."""
     return get_sampler(name)(
-        denoise, noise, ts, schedule, generators=generators, callback=callback, project=project, **options
-    )
+        denoise, noise, ts, schedule, generators=generators, callback=callback, project=project,
+        resample_rounds=resample_rounds, **options,
+    )  # fmt: skip

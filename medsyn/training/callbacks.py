@@ -15,8 +15,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from medsyn.training.export import WEIGHTS_FILE, export_weights
 from medsyn.training.module import DiffusionModule, voxels
+from medsyn.weights import WEIGHTS_FILE, export_weights
 
 
 class EMA(Callback):
@@ -175,7 +175,8 @@ class Throughput(Callback):
 class Preview(Callback):
     """Every N steps, sample from fixed prompts and seeds and log a picture of the results.
 
-    base: volumes generated from `prompts`; sr: super-resolved crops of fixed validation items.
+    Text-conditioned models: volumes from `prompts`; models conditioned on data (SR): samples for the
+    first validation items, beside their inputs.
     The picture (axial, coronal, sagittal mid-slices with mask overlays) goes to the logger and to
     `run_dir/previews/step_XXXXXXX.png`.
     """
@@ -230,48 +231,36 @@ class Preview(Callback):
     def _generate(
         self, trainer: pl.Trainer, module: DiffusionModule, denoiser: torch.nn.Module
     ) -> tuple[list[np.ndarray], list[str]]:
-        from medsyn.pipeline import generate_base, generate_sr
+        """Sample from the preview prompts, or, for a model conditioned on data (e.g. the low-resolution
+        volume), from the first validation items; data inputs are shown beside their samples."""
+        from medsyn.generation.model import DiffusionModel
+        from medsyn.generation.stages import generate
 
-        device = module.device
-        if module.stage == "base":
+        model = DiffusionModel(denoiser, module.model.conditioners)
+        data_keys = [k for k in model.conditioners if k != "text"]
+        if data_keys:
+            split = "val" if len(trainer.datamodule.datasets.get("val", [])) else "train"
+            dataset = trainer.datamodule.datasets[split]
+            items = [dataset[i] for i in range(min(2, len(dataset)))]
+            inputs: dict = {k: torch.stack([it[k] for it in items]).to(module.device) for k in data_keys}
+            if "text" in model.conditioners:
+                inputs["text"] = [it["text"] for it in items]
+            seeds, shape = list(range(len(items))), tuple(items[0]["x"].shape[1:])
+            captions = [f"sample for {it['id']}" for it in items]
+        else:
             item = trainer.datamodule.datasets["train"][0]
             shape = tuple(item["x"].shape[1:])
             prompts = [p for p in self.prompts for _ in self.seeds]
             seeds = [s for _ in self.prompts for s in self.seeds]
-            with _autocast(trainer, device):
-                x = generate_base(
-                    denoiser, module.text, prompts, seeds, shape, self.steps, self.sampler, self.guidance
-                )
+            inputs = {"text": prompts} if "text" in model.conditioners else {}
             captions = [f"seed {s}: {p}" for p, s in zip(prompts, seeds, strict=True)]
-        else:
-            split = "val" if len(trainer.datamodule.datasets.get("val", [])) else "train"
-            items = [
-                trainer.datamodule.datasets[split][i]
-                for i in range(min(2, len(trainer.datamodule.datasets[split])))
-            ]
-            lowres = torch.stack([it["lowres"] for it in items]).to(device)
-            seeds = list(range(len(items)))
-            with _autocast(trainer, device):
-                x = generate_sr(
-                    denoiser,
-                    lowres,
-                    seeds,
-                    self.steps,
-                    self.sampler,
-                    float(module.diffusion_cfg.get("lowres_noise_sample", 0.0)),
-                )
-            x = torch.cat([x, lowres], dim=0)
-            captions = [f"SR of {it['id']}" for it in items] + [f"low-res input {it['id']}" for it in items]
+        with trainer.precision_plugin.forward_context():  # the run's autocast, as in training
+            x = generate(model, inputs, seeds, shape, steps=self.steps, sampler=self.sampler,
+                         guidance=self.guidance)  # fmt: skip
+        for key in data_keys:  # show what the samples were conditioned on
+            x = torch.cat([x, inputs[key].to(x.dtype)], dim=0)
+            captions += [f"{key} input {it['id']}" for it in items]
         return [v.float().cpu().numpy() for v in x], captions
-
-
-def _autocast(trainer: pl.Trainer, device: torch.device):
-    precision = str(trainer.precision)
-    if "bf16" in precision:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if "16" in precision and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return torch.autocast(device.type, enabled=False)
 
 
 def _log_image(trainer: pl.Trainer, key: str, image: np.ndarray, step: int, captions: Sequence[str]) -> None:

@@ -1,13 +1,14 @@
 """Run configuration for `train.py base|sr`: defaults per stage, YAML file, dotted overrides.
 
-Keys are checked: a typo in the YAML or on the command line is an error naming the key and the
-valid ones. `model` keys are checked against the UNet constructor, `text` keys against
-`TextConditioner`, `trainer` keys against Lightning's `Trainer`.
+Each section holds the arguments of what it builds: `model` the UNet (a preset and/or its arguments),
+`diffusion` `build_denoiser`, `loss` `DiffusionLoss`, `optim` `build_optimizer`, a conditioner section
+(`text`, `lowres`) its conditioner, `trainer` Lightning's `Trainer`. The defaults below are the one
+place defaults live; code passes sections on whole. Keys are checked: a typo in the YAML or on the
+command line is an error naming the key and the valid ones.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
+from medsyn.conditioning import CONDITIONERS
 from medsyn.config import (
     check_keys,
     constructor_keys,
@@ -23,8 +25,10 @@ from medsyn.config import (
     parse_overrides,
     to_container,
 )
+from medsyn.data.datamodule import TEXT_MODES
 from medsyn.errors import ConfigError
-from medsyn.models import model_config
+from medsyn.generation.model import RESOLUTIONS, conditioner_keys, legacy_keys, upgrade_config
+from medsyn.nn.build import model_config
 
 DEFAULT_PREVIEW_PROMPTS = [
     "FINDINGS: The lungs are clear. No pleural effusion. Heart size is normal. IMPRESSION: No acute "
@@ -39,18 +43,16 @@ _COMMON: dict[str, Any] = {
     "seed": 0,
     "resume": "auto",  # auto: continue from run_dir/checkpoints/last.ckpt if present; never; or a path
     "overwrite": False,  # allow a fresh run in a run_dir that already holds checkpoints
-    "model": {"preset": "base-700m"},
-    "diffusion": {
-        "schedule": "cosine",
-        "schedule_shift": 1.0,
-        "parameterization": "x0",
-        "time_sampling": "stratified",
+    "model": {"preset": "base-700m"},  # UNet preset and/or constructor arguments (medsyn.nn.build)
+    "diffusion": {"schedule": "cosine", "schedule_shift": 1.0, "parameterization": "x0"},  # build_denoiser
+    "loss": {
+        "parameterization": None,
         "channel_weights": None,
-        "lowres_noise_max": 0.0,
-        "lowres_noise_sample": 0.0,
-    },
+        "time_sampling": "stratified",
+    },  # DiffusionLoss
     "data": {
         "root": "data/cache",  # a prepared cache (medsyn prepare) with manifest.csv
+        "resolution": "lr",  # which of the cache's stacks the model learns: lr (64^3) or hr (256^3)
         "batch_size": 1,  # per device and step; see effective_batch_size
         "num_workers": 4,
         "text": "both",  # findings | impression | both
@@ -84,33 +86,47 @@ _COMMON: dict[str, Any] = {
     },
 }
 
-_TEXT_DEFAULTS: dict[str, Any] = {
-    "model": "microsoft/BiomedVLP-CXR-BERT-specialized",
-    "max_length": 192,
-    "ucg_rate": 0.1,
-    "null_kind": "zero",
+# What each stage changes in the common defaults: the whole difference between the stages is data here.
+# A conditioner section (`text`, `lowres`: medsyn.conditioning.CONDITIONERS) makes the model condition on it.
+STAGES: dict[str, dict[str, Any]] = {
+    "base": {
+        "text": {  # TextConditioner arguments
+            "model": "microsoft/BiomedVLP-CXR-BERT-specialized",
+            "max_length": 192,
+            "ucg_rate": 0.1,
+            "null_kind": "zero",
+        },
+        # when text.model is a local directory that does not exist yet, write a randomly initialised
+        # small BERT there with a tokenizer trained on the training reports (the CPU demo uses this)
+        "text_bootstrap": None,
+    },
+    "sr": {
+        "model": {"preset": "sr-light"},
+        "lowres": {"noise_max": 0.2, "noise_sample": 0.05, "upsample": "nearest"},  # LowResConditioner
+        "data": {"resolution": "hr", "crop_size": 64},
+        "effective_batch_size": 32,
+        "preview": {"guidance": 1.0},
+    },
 }
 
 
 def defaults(stage: str) -> dict[str, Any]:
     """The default run config of a stage ("base" or "sr")."""
-    cfg = copy.deepcopy(_COMMON)
-    cfg["stage"] = stage
-    cfg["run_dir"] = f"runs/{stage}"
-    if stage == "base":
-        cfg["text"] = dict(_TEXT_DEFAULTS)
-        # when text.model is a local directory that does not exist yet, write a randomly initialised
-        # small BERT there with a tokenizer trained on the training reports (the CPU demo uses this)
-        cfg["text_bootstrap"] = None
-    elif stage == "sr":
-        cfg["model"] = {"preset": "sr-light"}
-        cfg["effective_batch_size"] = 32
-        cfg["data"].update({"crop_size": 64, "upsample": "nearest"})
-        cfg["diffusion"].update({"lowres_noise_max": 0.2, "lowres_noise_sample": 0.05})
-        cfg["preview"].update({"guidance": 1.0})
-    else:
-        raise ConfigError(f"unknown stage '{stage}'; expected base or sr")
-    return cfg
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage '{stage}'; expected one of {', '.join(STAGES)}")
+    merged = OmegaConf.merge(_COMMON, {"stage": stage, "run_dir": f"runs/{stage}"}, STAGES[stage])
+    return to_container(merged)
+
+
+def _upgraded(cfg: DictConfig, stage: str, where: str) -> DictConfig:
+    """`cfg` with keys of earlier medsyn versions moved to where they live now (and a note saying so)."""
+    old = legacy_keys(cfg)
+    if not old:
+        return cfg
+    print(
+        f"medsyn: {where}: moved keys of an earlier version ({', '.join(old)}); see configs/ for today's names"
+    )
+    return OmegaConf.create(upgrade_config(to_container(cfg), stage))
 
 
 def load_run_config(stage: str, path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> DictConfig:
@@ -123,11 +139,13 @@ def load_run_config(stage: str, path: str | os.PathLike | None, overrides: Seque
             raise ConfigError(
                 f"{path}: is a config for stage '{file_cfg.stage}', but 'train.py {stage}' was run"
             )
+        file_cfg = _upgraded(file_cfg, stage, str(path))
         cfg = merge_checked(cfg, file_cfg, str(path), open_keys)
         if "model" in file_cfg:  # a model section in the file replaces the default preset wholesale
             cfg.model = file_cfg.model
     if overrides:
-        cfg = merge_checked(cfg, parse_overrides(overrides), "the command-line overrides", open_keys)
+        dotlist = _upgraded(parse_overrides(overrides), stage, "the command-line overrides")
+        cfg = merge_checked(cfg, dotlist, "the command-line overrides", open_keys)
     where = str(path) if path else "the config"
     validate(cfg, f"{where} with the command-line overrides" if overrides else where)
     return cfg
@@ -136,10 +154,9 @@ def load_run_config(stage: str, path: str | os.PathLike | None, overrides: Seque
 def validate(cfg: DictConfig, where: str) -> None:
     """Check the open sections against the constructors they feed, and a few values."""
     model_config(to_container(cfg.model))  # raises ConfigError naming a bad model key
-    if cfg.stage == "base":
-        from medsyn.text import TextConditioner
-
-        check_keys(cfg.text, constructor_keys(TextConditioner), f"{where}: text")
+    for key, cls in CONDITIONERS.items():
+        if key in cfg and cfg[key] is not None:
+            check_keys(cfg[key], conditioner_keys(cls), f"{where}: {key}")
     # these Trainer arguments are set by medsyn itself (callbacks, logger, run directory, accumulation)
     reserved = {
         "callbacks",
@@ -150,8 +167,12 @@ def validate(cfg: DictConfig, where: str) -> None:
     }
     trainer_keys = [k for k in constructor_keys(pl.Trainer) if k not in reserved]
     check_keys(cfg.trainer, trainer_keys, f"{where}: trainer (Lightning Trainer arguments)")
-    if cfg.data.text not in ("findings", "impression", "both"):
-        raise ConfigError(f"{where}: data.text={cfg.data.text!r}; expected findings, impression or both")
+    if cfg.data.text not in TEXT_MODES:
+        raise ConfigError(f"{where}: data.text={cfg.data.text!r}; expected one of {', '.join(TEXT_MODES)}")
+    if cfg.data.resolution not in RESOLUTIONS:
+        raise ConfigError(
+            f"{where}: data.resolution={cfg.data.resolution!r}; expected one of {', '.join(RESOLUTIONS)}"
+        )
     for key in ("batch_size", "effective_batch_size"):
         value = cfg.data.batch_size if key == "batch_size" else cfg.effective_batch_size
         if not isinstance(value, int) or value < 1:

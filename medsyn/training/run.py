@@ -65,11 +65,11 @@ def ensure_data(cfg: DictConfig) -> Path:
 def ensure_text_model(cfg: DictConfig, root: Path) -> None:
     """Write the small BERT that `text_bootstrap` asks for, when `text.model` does not exist yet."""
     spec = cfg.get("text_bootstrap")
-    if cfg.stage != "base" or not spec or Path(cfg.text.model).exists():
+    if not spec or cfg.get("text") is None or Path(cfg.text.model).exists():
         return
+    from medsyn.conditioning import build_tiny_bert
     from medsyn.data.cache import read_cache_manifest
     from medsyn.data.datamodule import report_text
-    from medsyn.text import build_tiny_bert
 
     spec = to_container(spec)
     allowed = {"hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size", "seed"}
@@ -143,19 +143,17 @@ def _wandb_logged_in() -> bool:
 
 
 def build_datamodule(cfg: DictConfig, root: Path) -> pl.LightningDataModule:
+    """The data a model learns: the cache's low-resolution stacks with reports (`data.resolution: lr`),
+    or high-resolution crops with the matching low-resolution crop, upsampled as the `lowres`
+    conditioner upsamples at sampling (`hr`)."""
     from medsyn.data.datamodule import BaseDataModule, SRDataModule
 
-    common = {
-        "root": root,
-        "batch_size": cfg.data.batch_size,
-        "num_workers": cfg.data.num_workers,
-        "seed": cfg.seed,
-    }
-    if cfg.stage == "base":
-        return BaseDataModule(**common, text=cfg.data.text)
-    return SRDataModule(
-        **common, crop_size=cfg.data.crop_size, upsample=cfg.data.upsample, text=cfg.data.text
-    )
+    common = {"root": root, "batch_size": cfg.data.batch_size, "num_workers": cfg.data.num_workers,
+              "seed": cfg.seed, "text": cfg.data.text}  # fmt: skip
+    if cfg.data.resolution == "lr":
+        return BaseDataModule(**common)
+    upsample = cfg.lowres.upsample if cfg.get("lowres") is not None else "nearest"
+    return SRDataModule(**common, crop_size=cfg.data.crop_size, upsample=upsample)
 
 
 # Lightning warnings that do not apply to a medsyn run
@@ -176,24 +174,12 @@ def train(cfg: DictConfig) -> Path:
     ensure_text_model(cfg, root)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     config = to_container(cfg)
-    module = DiffusionModule(
-        stage=cfg.stage,
-        model=to_container(cfg.model),
-        diffusion=to_container(cfg.diffusion),
-        optim=to_container(cfg.optim),
-        text=to_container(cfg.text) if cfg.stage == "base" else None,
-        seed=int(cfg.seed),
-    )
+    module = DiffusionModule(config)
     datamodule = build_datamodule(cfg, root)
 
     ema = None
     if cfg.ema.decay is not None:
-        ema = EMA(
-            decay=float(cfg.ema.decay),
-            update_every_n_steps=int(cfg.ema.update_every_n_steps),
-            update_starting_at_step=int(cfg.ema.update_starting_at_step),
-            device=cfg.ema.device,
-        )
+        ema = EMA(**config["ema"])
     every = int(cfg.checkpoint.every_n_steps)
     callbacks: list = [SaveLastOnEnd(run_dir / "checkpoints" / "last.ckpt")]
     callbacks += [cb for cb in (ema,) if cb is not None]
@@ -213,11 +199,9 @@ def train(cfg: DictConfig) -> Path:
         TQDMProgressBar(refresh_rate=1),
     ]
     if cfg.preview.every_n_steps:
-        spacing = _cache_spacing(root, cfg.stage)
         callbacks.append(
-            Preview(run_dir, int(cfg.preview.every_n_steps), list(cfg.preview.prompts), list(cfg.preview.seeds),
-                    int(cfg.preview.steps), str(cfg.preview.sampler), float(cfg.preview.guidance), ema, spacing)
-        )  # fmt: skip
+            Preview(run_dir, **config["preview"], ema=ema, spacing=_cache_spacing(root, cfg.data.resolution))
+        )
     logger = build_logger(cfg)
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -250,13 +234,13 @@ def train(cfg: DictConfig) -> Path:
     return run_dir
 
 
-def _cache_spacing(root: Path, stage: str) -> tuple[float, float, float]:
-    """Voxel spacing of the volumes a stage generates (lr for base, hr for sr), from the cache metadata."""
+def _cache_spacing(root: Path, resolution: str) -> tuple[float, float, float]:
+    """Voxel spacing of the cache's `resolution` ("lr" or "hr") grid, from the cache manifest."""
     from medsyn.data.cache import read_cache_manifest
 
     rows = read_cache_manifest(root)
     if not rows:
         return (1.0, 1.0, 1.0)
     hr_spacing = float(rows[0].get("spacing_mm") or 1.0)
-    factor = int(rows[0]["size"]) // int(rows[0]["lr_size"]) if stage == "base" else 1
+    factor = int(rows[0]["size"]) // int(rows[0]["lr_size"]) if resolution == "lr" else 1
     return (hr_spacing * factor,) * 3

@@ -34,7 +34,8 @@ from medsyn.io import atomic_dir, atomic_path, write_json, write_text
 
 FOV_MM = 256.0
 MANIFEST_COLUMNS = ("id", "ct", "lobes", "airway", "vessels", "findings", "impression")
-# how the measured quantities in truth.json are defined (so `medsyn evaluate` can measure the same)
+# how the measured quantities in truth.json are defined, so that an evaluation of generated volumes can
+# measure them the same way
 DEFINITIONS = {
     "effusion_ml": "pleural fluid voxels x voxel volume (fluid replaces lung; lobes are 0 there)",
     "ctr": "widest axial x-extent of the heart / widest axial x-extent of the inner bony thorax",

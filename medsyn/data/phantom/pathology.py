@@ -252,7 +252,7 @@ def apply_pathology(
 
 def measure(ct: np.ndarray, lobes: np.ndarray, airway: np.ndarray, heart: np.ndarray, cavity: np.ndarray,
             fluid: np.ndarray, grid: Grid) -> dict:  # fmt: skip
-    """What `medsyn evaluate` measures, computed on the finished volume: the ground truth.
+    """The clinical measures of the finished volume (effusion, %LAA-950, CTR, lesions): the ground truth.
 
     %LAA-950 is over the lung parenchyma (lobes without the airway lumen), as usual.
     """

@@ -14,6 +14,8 @@ import importlib
 from collections.abc import Callable, Mapping
 
 import numpy as np
+import torch
+from monai.metrics import compute_dice
 
 from medsyn.data.channels import MASK_CHANNELS
 from medsyn.errors import ConfigError
@@ -76,7 +78,10 @@ def segment(
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap of two binary masks (1.0 when both are empty)."""
+    """Dice overlap of two binary masks of the same shape (1.0 when both are empty), by MONAI's metric."""
     a, b = np.asarray(a, bool), np.asarray(b, bool)
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+    if a.shape != b.shape:
+        raise ValueError(f"dice: masks of different shapes {a.shape} and {b.shape}")
+    # (1, 1, N): one batch item, one foreground channel; ignore_empty=False scores two empty masks 1.0
+    pred, true = (torch.from_numpy(m.reshape(1, 1, -1).astype(np.uint8)) for m in (a, b))
+    return float(compute_dice(pred, true, ignore_empty=False).item())

@@ -1,4 +1,5 @@
-"""Inference weights as data: `model.safetensors` with the run config in its metadata.
+"""Weights as data: `model.safetensors` with the run config in its metadata (written by training,
+read by generation).
 
 Users share these files; loading them runs no code (unlike a pickled checkpoint).
 Keys: `net.*` the UNet, `text.*` the trainable text parts (e.g. a learned null condition).

@@ -44,10 +44,19 @@ def unet_multiple(net: torch.nn.Module) -> int:
     return total
 
 
+# Floor of the blending weights, relative to their maximum of 1. A 3-D Gaussian window (sigma = side / 8) falls to
+# ~4e-11 at its corners: 0 in float16 (smallest subnormal ~6e-8), so windows are always blended in float32 (see
+# `windowed_denoiser`), where the weights are positive and the floor is a guard against underflow only. It must stay
+# far below the weight a neighbouring window gives the same voxel, because window edges see zero padding: at small
+# windows (8^3, overlap 0.5) two-axis edges weigh ~5e-6, and a floor of 1e-6 or more let corrupted corners shift
+# the blend by up to 0.05 (measured in tests/test_pipeline.py); 1e-8 leaves it as without a floor.
+MIN_WEIGHT = 1e-8
+
+
 def gaussian_weights(roi: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
     """Blending weights of one window (*roi): a product of 1-D Gaussians (sigma = sigma_scale x side),
-    maximum 1. Unlike MONAI's default map it has no 1e-3 floor, which would make windows whose edges
-    meet at a volume corner count as much as a neighbour's centre."""
+    maximum 1, floored at `MIN_WEIGHT` so every weight stays positive (MONAI's default map
+    floors at 1e-3 instead, ten times higher, which flattens more of each window's tails)."""
     axes = []
     for n in roi:
         r = torch.arange(n, dtype=torch.float64) - (n - 1) / 2.0
@@ -55,7 +64,7 @@ def gaussian_weights(roi: Sequence[int], sigma_scale: float = 0.125) -> torch.Te
     weights = axes[0]
     for a in axes[1:]:
         weights = weights[..., None] * a
-    return (weights / weights.max()).float()
+    return (weights / weights.max()).clamp(min=MIN_WEIGHT).float()
 
 
 def windowed_denoiser(
@@ -81,18 +90,29 @@ def windowed_denoiser(
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if not bool((t == t[0]).all()) or not bool((aug_t == aug_t[0]).all()):
             raise ValueError("windowed_denoiser: expected one time and one aug_t for the whole batch")
+        # Blend in at least float32 whatever the state's dtype: MONAI accumulates windows and weights in the
+        # inputs' dtype, and in float16 the small weights at window edges round to 0 (NaN or wrong edges).
+        blend_dtype = torch.promote_types(x.dtype, torch.float32)
         inputs = torch.cat([x, concat.to(x.dtype)], dim=1)  # (B, C + C_c, *S)
 
         def predictor(patch: torch.Tensor) -> torch.Tensor:  # (n, C + C_c, *roi) -> (n, C, *roi)
             n = patch.shape[0]
-            return denoiser(
+            patch = patch.to(x.dtype)  # the network sees the state's dtype (exact: inputs came from it)
+            out = denoiser(
                 patch[:, :channels], t[:1].expand(n), concat=patch[:, channels:], aug_t=aug_t[:1].expand(n)
             )
+            return out.to(blend_dtype)
 
         if tuple(roi) == tuple(x.shape[2:]):  # one window: exactly the full-volume forward
-            return predictor(inputs)
-        return sliding_window_inference(
-            inputs, roi, sw_batch_size, predictor, overlap=overlap, roi_weight_map=weights.to(x.dtype)
-        )
+            return predictor(inputs).to(x.dtype)
+        out = sliding_window_inference(
+            inputs.to(blend_dtype),
+            roi,
+            sw_batch_size,
+            predictor,
+            overlap=overlap,
+            roi_weight_map=weights.to(blend_dtype),
+        )  # (B, C, *S) in blend_dtype
+        return out.to(x.dtype)
 
     return denoise

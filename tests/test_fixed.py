@@ -14,11 +14,12 @@ from test_sample import FAST, SIZE, make_runs, one_thread, run_sample  # noqa: F
 
 from medsyn.data.channels import CHANNELS, decode_volume
 from medsyn.data.nifti import save_nifti, spacing_affine
-from medsyn.diffusion import build_schedule, sample, time_grid
+from medsyn.diffusion import HoldFixed, build_schedule, sample, time_grid
 from medsyn.errors import DataError
-from medsyn.inference import load_run
-from medsyn.marginal import HoldFixed, load_fixed, parse_fix, sample_resampled, segment_with_model
-from medsyn.pipeline import SampleOptions, synthesize
+from medsyn.generation.fixed import load_fixed, parse_fix
+from medsyn.generation.run import load_run
+from medsyn.generation.segment import segment_with_model
+from medsyn.generation.stages import SampleOptions, synthesize
 
 SPACING = 256.0 / SIZE
 HR_AFFINE = spacing_affine(SPACING, (SIZE,) * 3)
@@ -184,7 +185,7 @@ def test_zero_rounds_is_the_plain_sampler():
         return 0.5 * x
 
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
-    a = sample_resampled("ancestral", denoise, noise, ts, schedule, gens, rounds=0)
+    a = sample("ancestral", denoise, noise, ts, schedule, generators=gens, resample_rounds=0)
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     assert torch.equal(a, sample("ancestral", denoise, noise, ts, schedule, generators=gens))
 

@@ -1,19 +1,14 @@
-"""Marginalized sampling (MedSyn IV.D, V.D): generate some channels while others are held fixed.
+"""Fixed channels for marginalized sampling (MedSyn IV.D, V.D): the `--fix CHANNEL=PATH` files.
 
-`--fix CHANNEL=PATH` files are read, validated (natural units: HU, lobe labels 0..5, binary masks),
-brought onto the run's grid with the same MONAI chain as `medsyn prepare`, and encoded. At every
-sampler step `HoldFixed` replaces the fixed channels by their forward-noised value
-alpha_t x_fixed + sigma_t eps (fresh eps from each sample's generator), and by x_fixed itself at t = 0,
-so a fixed channel comes back exactly as given. `sample_resampled` adds RePaint's resampling rounds
-(Lugmayr et al., 2022): re-noise one step and denoise it again, so the free channels settle in
-harmony with the fixed ones. Fixing `ct` alone turns the model into a segmenter (`segment_with_model`).
+Each file is read, validated in natural units (HU, lobe labels 0..5, binary masks), brought onto the
+run's grid with the same MONAI chain as `medsyn prepare`, and encoded. The samplers then hold these
+channels with `medsyn.diffusion.HoldFixed`, so a fixed channel comes back exactly as given.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,11 +18,10 @@ import torch
 
 from medsyn.data.cache import downsample
 from medsyn.data.channels import CHANNELS, HU_MIN, NUM_LOBE_LABELS, encode_channel
+from medsyn.data.grid import Grid
 from medsyn.data.nifti import load_nifti
-from medsyn.diffusion import randn_per_sample, sample
 from medsyn.errors import DataError
-from medsyn.inference import Grid
-from medsyn.training.export import sha256_file
+from medsyn.weights import sha256_file
 
 
 def parse_fix(specs: Sequence[str]) -> dict[str, Path]:
@@ -177,86 +171,3 @@ def load_fixed(
         values[name] = array
         sources[name] = {"path": str(path.resolve()), "sha256": sha256_file(path), "grid": how}
     return FixedChannels(values, grid, sources)
-
-
-class HoldFixed:
-    """The samplers' `project(x, t)` hook: fixed channels <- alpha_t x_fixed + sigma_t eps, or x_fixed at t = 0.
-
-    values: (1 | B, k, *S) encoded fixed channels; index: their k channel indices in x.
-    eps is drawn from `generators` (one per sample), so a sample stays independent of its batch.
-    """
-
-    def __init__(
-        self, values: torch.Tensor, index: Sequence[int], schedule, generators: Sequence[torch.Generator]
-    ) -> None:
-        self.values, self.index = values, list(index)
-        self.schedule, self.generators = schedule, list(generators)
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        fixed = self.values.to(device=x.device, dtype=x.dtype).expand(b, *self.values.shape[1:])  # (B, k, *S)
-        x = x.clone()
-        if bool((t <= 0).all()):
-            x[:, self.index] = fixed
-            return x
-        noise = randn_per_sample(fixed.shape, self.generators, x.device, x.dtype)
-        x[:, self.index] = self.schedule.add_noise(fixed, t.to(x.device), noise)
-        return x
-
-
-def renoise(
-    x_s: torch.Tensor, t: float, s: float, schedule, generators: Sequence[torch.Generator] | None
-) -> torch.Tensor:
-    """A draw of q(x_t | x_s) for t > s: x_t = (alpha_t / alpha_s) x_s + sigma_{t|s} z (VDM notation)."""
-    alpha_t, sigma_t = (float(v) for v in schedule.alpha_sigma(float(t)))
-    alpha_s, sigma_s = (float(v) for v in schedule.alpha_sigma(float(s)))
-    a = alpha_t / alpha_s
-    std = math.sqrt(max(sigma_t**2 - a**2 * sigma_s**2, 0.0))
-    return a * x_s + std * randn_per_sample(x_s.shape, generators, x_s.device, x_s.dtype)
-
-
-@torch.no_grad()
-def sample_resampled(
-    name: str,
-    denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    noise: torch.Tensor,
-    ts: torch.Tensor,
-    schedule,
-    generators: Sequence[torch.Generator] | None = None,
-    project: Callable | None = None,
-    rounds: int = 0,
-) -> torch.Tensor:
-    """Run sampler `name` over `ts` with RePaint rounds: after each step t -> s (but the last), re-noise
-    to t and take the step again, `rounds` times. Each step is a single-step call of the sampler, so a
-    multistep solver (dpmpp-2m) acts as its first-order form (DDIM) here; use ancestral as RePaint does."""
-    if rounds <= 0:
-        return sample(name, denoise, noise, ts, schedule, generators=generators, project=project)
-    times = [float(v) for v in ts]
-    x = noise
-    for t, s in zip(times[:-1], times[1:], strict=True):
-        step = torch.tensor([t, s], dtype=ts.dtype)
-        for r in range(rounds + 1):
-            x_s = sample(name, denoise, x, step, schedule, generators=generators, project=project)
-            if r == rounds or s <= 0.0:
-                break
-            x = renoise(x_s, t, s, schedule, generators)
-        x = x_s
-    return x
-
-
-def segment_with_model(
-    base, ct_hu: np.ndarray, sr=None, prompt: str = "", seed: int = 0, **options
-) -> dict[str, np.ndarray]:
-    """Lobes, airway and vessels of a CT (HU, on the output grid: the SR run's grid with `sr`, else the
-    base grid) by sampling them with the CT held fixed (paper Table V). `options` go to `SampleOptions`."""
-    from medsyn.data.channels import decode_volume
-    from medsyn.pipeline import SampleOptions, synthesize
-
-    grid = sr.grid if sr is not None else base.grid
-    if tuple(ct_hu.shape) != tuple(grid.shape):
-        raise DataError(f"segment_with_model: CT of shape {ct_hu.shape}, expected the grid {grid.shape}")
-    fixed = FixedChannels({"ct": np.asarray(ct_hu, np.float32)}, grid, {"ct": {"path": "<array>"}})
-    opts = SampleOptions(**{"guidance": 1.0, **options})
-    x = synthesize(base, sr, [prompt], [seed], opts, fixed)[0].numpy()  # (4, *S)
-    out = decode_volume(x)
-    return {k: out[k] for k in ("lobes", "airway", "vessels")}

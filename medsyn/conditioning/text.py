@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from medsyn.conditioning import features as fcache
 from medsyn.errors import ConfigError, DataError
-from medsyn.text import cache as fcache
 
 DEFAULT_TEXT_MODEL = "microsoft/BiomedVLP-CXR-BERT-specialized"  # CXR-BERT, as in the paper
 NULL_KINDS = ("zero", "learned", "empty")
@@ -80,7 +80,7 @@ def _not_found(name: str, reason: str) -> DataError:
     return DataError(
         f"text model {name!r} not found: {reason}, and {where}. Point the text model setting to a "
         "local directory with config.json, the tokenizer files and the weights (for example one written by "
-        "medsyn.text.tiny.build_tiny_bert, or `hf download REPO --local-dir DIR` run where the hub is reachable)"
+        "medsyn.conditioning.tiny_bert.build_tiny_bert, or `hf download REPO --local-dir DIR` run where the hub is reachable)"
     )
 
 
@@ -159,10 +159,12 @@ class TextConditioner(nn.Module):
     ucg_rate: probability that a training sample's condition is replaced by the null condition.
     null_kind: "zero" (zero features, only the first token valid so attention is defined), "learned"
         (a trainable (null_length, H) parameter, all tokens valid) or "empty" (the encoding of "").
-    cache_size: entries of the per-text LRU feature cache used by `forward` (0 disables it).
+    cache_size: entries of the per-text LRU feature cache used by `encode` (0 disables it).
     save_encoder: keep the frozen encoder's weights in `state_dict` (by default they are left out
         and reloaded from `model`, so checkpoints and EMA copies hold only what trains).
     """
+
+    key = "text"  # the batch entry it conditions on: a list of report strings
 
     def __init__(
         self,
@@ -231,39 +233,32 @@ class TextConditioner(nn.Module):
         )
 
     @torch.no_grad()
-    def encode(self, texts: str | Sequence[str]) -> Cond:
-        """Token features of the last layer, zero at padding, without condition dropout or cache."""
-        batch = self.tokenizer(
-            _as_texts(texts),
-            padding=self.padding,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
+    def _features(self, text: str) -> torch.Tensor:
+        """Last-layer token features (L_i, H) of one text, unpadded. One text per encoder call: batched,
+        padded matmuls differ in the last bits, so a text's features never depend on its companions."""
+        tokens = self.tokenizer(text, truncation=True, max_length=self.max_length, return_tensors="pt")
         names = ("input_ids", "attention_mask", "token_type_ids")
-        inputs = {k: v.to(self.device) for k, v in batch.items() if k in names}
-        hidden = self.encoder(**inputs).last_hidden_state.float()  # (B, L, H)
-        mask = inputs["attention_mask"].bool()  # (B, L), True = real token
-        return {"context": hidden * mask[..., None], "context_mask": mask}
+        inputs = {k: v.to(self.device) for k, v in tokens.items() if k in names}
+        return self.encoder(**inputs).last_hidden_state.float()[0]  # (L_i, H)
 
     def _length(self, longest: int) -> int:
         """The batch length: max_length under "max_length" padding, else the longest text."""
         return self.max_length if self.padding == "max_length" else max(longest, 1)
 
-    def encode_cached(self, texts: str | Sequence[str]) -> Cond:
-        """Like `encode`, memoizing each exact string's features in the LRU cache."""
+    def encode(self, texts: str | Sequence[str]) -> Cond:
+        """Token features (zero at padding) and mask of each report, without condition dropout.
+
+        The one route from text to features, in training and sampling alike: each text is encoded on
+        its own (memoized in the LRU cache when `cache_size` > 0), then the batch is padded.
+        """
         texts = _as_texts(texts)
         found: dict[str, torch.Tensor] = {}
         for t in dict.fromkeys(texts):
-            item = self._cache.get(t)
-            if item is not None:
-                found[t] = item
-        for t in (t for t in dict.fromkeys(texts) if t not in found):
-            # one text per encoder call: its features never depend on which reports shared its batch
-            # (batched, padded matmuls differ in the last bits), so runs and resumed runs agree exactly
-            new = self.encode([t])
-            found[t] = new["context"][0, new["context_mask"][0]]  # (L_i, H)
-            self._cache.put(t, found[t])
+            item = self._cache.get(t) if self._cache.maxsize else None
+            if item is None:
+                item = self._features(t)
+                self._cache.put(t, item)
+            found[t] = item
         feats = [found[t].to(self.device) for t in texts]
         return fcache.collate(feats, self._length(max(f.shape[0] for f in feats)))
 
@@ -275,11 +270,19 @@ class TextConditioner(nn.Module):
         self._cache.clear()
 
     def forward(
-        self, texts: str | Sequence[str], *, ucg: bool = False, generator: torch.Generator | None = None
+        self, texts: str | Sequence[str], *, train: bool = False, generator: torch.Generator | None = None
     ) -> Cond:
-        """Encode reports (through the cache when enabled); with `ucg=True` apply condition dropout."""
-        cond = self.encode_cached(texts) if self._cache.maxsize else self.encode(texts)
-        return self.apply_ucg(cond, generator) if ucg else cond
+        """Network conditioning of reports; in training (`train=True`) with condition dropout."""
+        cond = self.encode(texts)
+        return self.apply_ucg(cond, generator) if train else cond
+
+    def unconditional(self, cond: Cond) -> Cond:
+        """The null condition shaped like `cond` (the unconditional branch of classifier-free guidance)."""
+        return self.null_condition(cond["context"].shape[0], length=cond["context"].shape[1])
+
+    def unet_arguments(self) -> dict[str, Any]:
+        """UNet constructor arguments this conditioner fixes: the width of its token features."""
+        return {"cross_attention_dim": self.hidden_size}
 
     def _null(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The unpadded null condition: features (L0, H) and mask (L0,)."""
@@ -329,15 +332,10 @@ class TextConditioner(nn.Module):
         }
 
     @torch.no_grad()
-    def precompute(self, texts: Sequence[str], path: str | os.PathLike, batch_size: int = 16) -> Path:
+    def precompute(self, texts: Sequence[str], path: str | os.PathLike) -> Path:
         """Encode a fixed report set once and write it to a safetensors file keyed by sha1 of each text."""
         unique = list(dict.fromkeys(_as_texts(texts)))
-        feats: dict[str, torch.Tensor] = {}
-        for start in range(0, len(unique), batch_size):
-            chunk = unique[start : start + batch_size]
-            cond = self.encode(chunk)
-            for i, t in enumerate(chunk):
-                feats[t] = cond["context"][i, cond["context_mask"][i]]  # (L_i, H)
+        feats = {t: self._features(t) for t in unique}  # (L_i, H) each, exactly as `encode` computes them
         meta = {"model": self.model_name, "max_length": self.max_length, "hidden_size": self.hidden_size}
         return fcache.save_features(path, feats, meta)
 

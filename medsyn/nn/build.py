@@ -1,4 +1,4 @@
-"""Build UNets from a preset name, a YAML file or a mapping of constructor arguments."""
+"""Build a UNet from a preset name, a YAML file or a mapping of constructor arguments."""
 
 from __future__ import annotations
 

@@ -7,11 +7,13 @@ import pytest
 import torch
 from test_sample import make_runs, one_thread  # noqa: F401 (autouse fixture)
 
-from medsyn.data.datamodule import upsample
+from medsyn.conditioning import LowResConditioner
+from medsyn.data.grid import upsample
 from medsyn.diffusion import Denoiser, build_schedule
-from medsyn.inference import load_run, run_grid
-from medsyn.pipeline import SampleOptions, generate_base, generate_sr
-from medsyn.sliding import unet_multiple, window_size
+from medsyn.generation.model import DiffusionModel
+from medsyn.generation.run import load_run, run_grid
+from medsyn.generation.stages import SampleOptions, generate_base, generate_sr
+from medsyn.generation.windowed import unet_multiple, window_size
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +25,13 @@ def runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lowres(runs):
     base = runs["base"]
-    x = generate_base(base.denoiser, base.text, ["Normal.", "Effusion."], [0, 1], base.grid.shape, steps=2)
+    x = generate_base(base.model, ["Normal.", "Effusion."], [0, 1], base.grid.shape, steps=2)
     return torch.stack([upsample(v, base.factor) for v in x])  # (2, 4, 16, 16, 16)
 
 
 def test_base_is_seeded_and_guided(runs):
     base = runs["base"]
-    args = (base.denoiser, base.text, ["Right effusion."], [3], base.grid.shape)
+    args = (base.model, ["Right effusion."], [3], base.grid.shape)
     a, b = generate_base(*args, steps=3), generate_base(*args, steps=3)
     assert a.shape == (1, 4, *base.grid.shape) and torch.equal(a, b)
     assert not torch.allclose(a, generate_base(*args, steps=3, guidance=1.0))
@@ -37,9 +39,9 @@ def test_base_is_seeded_and_guided(runs):
 
 def test_window_covering_the_volume_equals_full_volume_sr(runs, lowres):
     sr = runs["sr"]
-    full = generate_sr(sr.denoiser, lowres, [0, 1], steps=3, lowres_noise=0.05)
-    windowed = generate_sr(sr.denoiser, lowres, [0, 1], steps=3, lowres_noise=0.05, window=16)
-    bigger = generate_sr(sr.denoiser, lowres, [0, 1], steps=3, lowres_noise=0.05, window=64)
+    full = generate_sr(sr.model, lowres, [0, 1], steps=3, lowres_noise=0.05)
+    windowed = generate_sr(sr.model, lowres, [0, 1], steps=3, lowres_noise=0.05, window=16)
+    bigger = generate_sr(sr.model, lowres, [0, 1], steps=3, lowres_noise=0.05, window=64)
     assert torch.equal(full, windowed) and torch.equal(full, bigger)  # clipped to the volume
 
 
@@ -59,9 +61,9 @@ class LocalNet(torch.nn.Module):
 
 
 def test_overlapping_windows_are_close_to_full_volume_sr(lowres):
-    denoiser = Denoiser(LocalNet(), build_schedule("cosine"))
-    full = generate_sr(denoiser, lowres, [0, 1], steps=3)
-    windowed = generate_sr(denoiser, lowres, [0, 1], steps=3, window=8, overlap=0.5)
+    model = DiffusionModel(Denoiser(LocalNet(), build_schedule("cosine")), {"lowres": LowResConditioner()})
+    full = generate_sr(model, lowres, [0, 1], steps=3)
+    windowed = generate_sr(model, lowres, [0, 1], steps=3, window=8, overlap=0.5)
     assert windowed.shape == full.shape and not torch.equal(windowed, full)
     diff = (windowed - full).abs()
     # only window edges (one voxel) see zero padding, and the Gaussian weights make them count little
@@ -70,8 +72,8 @@ def test_overlapping_windows_are_close_to_full_volume_sr(lowres):
 
 def test_windows_are_per_sample(runs, lowres):
     sr = runs["sr"]
-    both = generate_sr(sr.denoiser, lowres, [0, 1], steps=2, lowres_noise=0.05, window=8, overlap=0.25)
-    alone = generate_sr(sr.denoiser, lowres[1:], [1], steps=2, lowres_noise=0.05, window=8, overlap=0.25)
+    both = generate_sr(sr.model, lowres, [0, 1], steps=2, lowres_noise=0.05, window=8, overlap=0.25)
+    alone = generate_sr(sr.model, lowres[1:], [1], steps=2, lowres_noise=0.05, window=8, overlap=0.25)
     torch.testing.assert_close(alone[0], both[1], atol=1e-4, rtol=1e-4)
 
 
@@ -90,12 +92,15 @@ def test_unet_multiple_of_presets():
 
 
 def test_run_grid_sources(runs, tmp_path):
-    hr, factor = run_grid(runs["sr"].config, "sr")
+    hr, factor = run_grid(runs["sr"].config)
     assert hr.shape == (16, 16, 16) and hr.spacing == (16.0,) * 3 and factor == 4 and "cache" in hr.source
-    config = {"data": {"root": str(tmp_path / "gone"), "phantoms": {"size": 64}}, "model": {}}
-    hr, _ = run_grid(config, "base")
+    config = {
+        "data": {"root": str(tmp_path / "gone"), "phantoms": {"size": 64}, "resolution": "lr"},
+        "model": {},
+    }
+    hr, _ = run_grid(config)
     assert hr.shape == (64,) * 3 and hr.spacing == (4.0,) * 3 and hr.source == "data.phantoms"
-    hr, _ = run_grid({"model": {"preset": "base-700m"}}, "base")
+    hr, _ = run_grid({"model": {"preset": "base-700m"}, "data": {"resolution": "lr"}})
     assert hr.shape == (256,) * 3 and hr.spacing == (1.0,) * 3
     lr = hr.coarsen(4)
     assert lr.shape == (64,) * 3 and lr.spacing == (4.0,) * 3 and (lr.affine[:3, 3] == hr.affine[:3, 3]).all()
@@ -155,3 +160,59 @@ def test_sampling_benchmark_on_tiny_trained_runs(tmp_path):
     assert report["pflop"]["full"] <= 0.3 and (tmp_path / "r.json").is_file()
     seg = bench.main(["segment", *common, "--num-subjects", "1", "--steps", "2"])
     assert 0.0 <= seg["lobes"] <= 1.0 and 0.0 <= seg["airway"] <= 1.0
+
+
+def test_sr_stage_upsamples_as_the_sr_run_was_trained(runs, tmp_path):
+    """Bug: the cascade always upsampled the base output with nearest, whatever the SR run trained with."""
+    from medsyn.generation.stages import SR_SEED_OFFSET, synthesize
+    from medsyn.weights import export_weights, load_weights
+
+    state, config = load_weights(runs["sr"].weights)
+    (tmp_path / "sr_tri").mkdir()
+    tri_config = {**config, "lowres": {**config["lowres"], "upsample": "trilinear"}}
+    export_weights(tmp_path / "sr_tri" / "model.safetensors", state, tri_config)
+    base, sr = runs["base"], load_run(tmp_path / "sr_tri", stage="sr")
+    opts = SampleOptions(steps=2, sr_steps=2)
+    out = synthesize(base, sr, ["Effusion."], [4], opts)
+    x = generate_base(base.model, ["Effusion."], [4], base.grid.shape, steps=2)
+    expected = generate_sr(sr.model, upsample(x[0], 4, "trilinear")[None], [4 + SR_SEED_OFFSET], steps=2)
+    torch.testing.assert_close(out, expected.float())
+    nearest = generate_sr(sr.model, upsample(x[0], 4, "nearest")[None], [4 + SR_SEED_OFFSET], steps=2)
+    assert not torch.allclose(out, nearest.float(), atol=1e-3)
+
+
+def test_sr_noise_level_is_checked_against_training(runs):
+    from medsyn.errors import ConfigError
+
+    lowres = torch.zeros(1, 4, *runs["sr"].grid.shape)
+    with pytest.raises(ConfigError, match=r"low-resolution noise levels in \[0, 0.2\]"):
+        generate_sr(runs["sr"].model, lowres, [0], lowres_noise=0.5, steps=1)
+    a = generate_sr(runs["sr"].model, lowres, [0], lowres_noise=0.2, steps=1)
+    b = generate_sr(runs["sr"].model, lowres, [0], steps=1)  # the run's own level, 0.05
+    assert not torch.equal(a, b)
+
+
+def test_guidance_interval_and_rescale_change_the_sample(runs):
+    base = runs["base"]
+    args = (base.model, ["Right effusion."], [3], base.grid.shape)
+    plain = generate_base(*args, steps=3)
+    assert not torch.equal(plain, generate_base(*args, steps=3, guidance_rescale=0.7))
+    late = generate_base(*args, steps=3, guidance_interval=(0.0, 0.5))
+    assert not torch.equal(plain, late)
+    # guiding nowhere is the unguided model
+    torch.testing.assert_close(
+        generate_base(*args, steps=3, guidance_interval=(0.0, 0.0)),
+        generate_base(*args, steps=3, guidance=1.0),
+    )
+
+
+def test_a_base_sample_is_bit_identical_whatever_its_batch(runs):
+    """One route from text to features: a prompt's features never depend on its batch companions."""
+    text = runs["base"].model.conditioners["text"]
+    prompts = ["Right effusion.", "Normal lungs with a much longer report than the first one.", "Emphysema."]
+    together = text.encode(prompts)
+    for i, prompt in enumerate(prompts):
+        alone = text.encode([prompt])
+        n = alone["context"].shape[1]
+        assert torch.equal(alone["context"][0], together["context"][i, :n])
+        assert not together["context"][i, n:].any()

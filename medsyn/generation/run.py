@@ -1,0 +1,133 @@
+"""Load a trained run directory for generation: its config, its EMA weights and the grid it generates on.
+
+A run directory (see the README) holds `config.yaml`, `checkpoints/last.ckpt` and `model.safetensors`;
+generation needs only the safetensors file, whose metadata carries the merged run config. The model is
+built by the same builder as in training, without any LightningModule. Errors name the run directory or
+file and say what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medsyn.data.grid import LR_FACTOR, Grid
+from medsyn.data.nifti import spacing_affine
+from medsyn.errors import DataError, MedsynError
+from medsyn.generation.model import DiffusionModel, build_diffusion_model, upgrade_config
+from medsyn.weights import WEIGHTS_FILE, load_weights, sha256_file
+
+
+@dataclass
+class LoadedRun:
+    """A run ready to generate: its `model` (denoiser and conditioners, EMA weights, eval mode), its
+    config and the high-resolution grid of its data (`hr_grid`); `grid` is the one it generates on."""
+
+    run_dir: Path
+    stage: str
+    config: dict
+    model: DiffusionModel
+    weights: Path
+    sha256: str
+    hr_grid: Grid
+    factor: int = LR_FACTOR
+
+    @property
+    def grid(self) -> Grid:
+        """The grid this model generates on: the cache's low- or high-resolution grid (`data.resolution`)."""
+        return (
+            self.hr_grid.coarsen(self.factor) if self.config["data"]["resolution"] == "lr" else self.hr_grid
+        )
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir),
+            "weights": str(self.weights),
+            "sha256": self.sha256,
+            "stage": self.stage,
+            "global_step": self.config.get("global_step"),
+            "model": self.config.get("model"),
+        }
+
+
+def _manifest_grid(root: Path) -> tuple[Grid, int] | None:
+    """The hr grid and lr factor from a prepared cache's manifest, or None when there is none."""
+    from medsyn.data.cache import read_cache_manifest
+
+    if not (root / "manifest.csv").is_file():
+        return None
+    rows = read_cache_manifest(root)
+    if not rows or not rows[0].get("size"):
+        return None
+    size, lr_size = int(rows[0]["size"]), int(rows[0].get("lr_size") or 0)
+    spacing = float(rows[0].get("spacing_mm") or 1.0)
+    factor = size // lr_size if lr_size else LR_FACTOR
+    shape = (size,) * 3
+    return Grid(shape, (spacing,) * 3, spacing_affine(spacing, shape), f"cache {root}"), factor
+
+
+def run_grid(config: dict) -> tuple[Grid, int]:
+    """The high-resolution grid of a run's data and its lr factor, from the most specific record:
+
+    1. `config["grid"]` ({size, spacing_mm, lr_factor}) when a run records it;
+    2. the manifest of the cache at `data.root` (the spacing the run was really trained at);
+    3. `data.phantoms` ({size, spacing_mm}) when the run generated its own phantom data;
+    4. paper scale: the preset's size at 1 mm, times 4 for a model of the low-resolution grid.
+    """
+    data = config.get("data") or {}
+    if config.get("grid"):
+        g = config["grid"]
+        size, spacing = int(g["size"]), float(g.get("spacing_mm", 1.0))
+        shape = (size,) * 3
+        factor = int(g.get("lr_factor", LR_FACTOR))
+        return Grid(shape, (spacing,) * 3, spacing_affine(spacing, shape), "run config"), factor
+    if data.get("root"):
+        found = _manifest_grid(Path(data["root"]))
+        if found is not None:
+            return found
+    phantoms = data.get("phantoms") or {}
+    if phantoms.get("size"):
+        size = int(phantoms["size"])
+        spacing = float(phantoms.get("spacing_mm") or 256.0 / size)
+        shape = (size,) * 3
+        return Grid(shape, (spacing,) * 3, spacing_affine(spacing, shape), "data.phantoms"), LR_FACTOR
+    from medsyn.nn.presets import DEFAULT_SIZE
+
+    preset = (config.get("model") or {}).get("preset", "")
+    size = DEFAULT_SIZE.get(preset, 64) * (LR_FACTOR if data.get("resolution") == "lr" else 1)
+    shape = (size,) * 3
+    return Grid(shape, (1.0,) * 3, spacing_affine(1.0, shape), "default (1 mm)"), LR_FACTOR
+
+
+def load_run(
+    run_dir: str | os.PathLike, device: str | torch.device = "cpu", stage: str | None = None
+) -> LoadedRun:
+    """Build the model of `run_dir` from its config and EMA weights, ready to generate on `device`.
+
+    `stage` ("base" / "sr"), when given, must match the run's. Errors name the directory or file.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"{run_dir}: no such run directory")
+    weights = run_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise DataError(f"{run_dir}: not a trained run directory (no {WEIGHTS_FILE}); train it with train.py")
+    state, config = load_weights(weights)
+    config = upgrade_config(config)
+    run_stage = config.get("stage")
+    if run_stage not in ("base", "sr"):
+        raise DataError(f"{weights}: unknown stage {run_stage!r} in the weights' metadata")
+    if stage is not None and run_stage != stage:
+        raise DataError(f"{run_dir}: is a '{run_stage}' run, expected a '{stage}' run here")
+    try:
+        model = build_diffusion_model(config)
+        model.load_exported_state(state)
+    except (KeyError, RuntimeError, MedsynError) as err:
+        raise DataError(f"{weights}: weights do not match the run's config ({err})") from err
+    hr_grid, factor = run_grid(config)
+    model = model.to(device).eval().requires_grad_(False)
+    return LoadedRun(run_dir, run_stage, config, model, weights, sha256_file(weights), hr_grid, factor)
