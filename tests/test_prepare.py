@@ -20,7 +20,8 @@ from medsyn.errors import ConfigError, DataError
 
 COLUMNS = ["id", "ct", "lobes", "airway", "vessels", "findings", "impression"]
 FLIPPED = np.diag([-1.0, 1.0, 1.0, 1.0])  # LAS, like many scanners' NIfTI exports
-OPTIONS = dict(preprocess=PreprocessConfig(size=32, spacing_mm=1.0), progress=False)
+# the tiny test chests span 32 mm, less than the default minimum field of view of a chest CT
+OPTIONS = dict(preprocess=PreprocessConfig(size=32, spacing_mm=1.0), progress=False, min_extent_mm=16.0)
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
@@ -142,7 +143,7 @@ def test_ctrate_rescale_and_spacing(tmp_path: Path, chest):
 def test_cli_exit_codes(tmp_path: Path, chest, capsys):
     rows = [add_subject(tmp_path / "in", "a", chest["hu"])]
     manifest = write_rows(tmp_path / "in" / "manifest.csv", rows)
-    args = ["prepare", "--input", str(manifest), "--size", "32", "--no-progress"]
+    args = ["prepare", "--input", str(manifest), "--size", "32", "--no-progress", "--min-extent-mm", "16"]
     assert main([*args, "--out", str(tmp_path / "ok")]) == 0
     assert "prepared 1" in capsys.readouterr().out
     (tmp_path / "in" / "a" / "ct.nii.gz").write_bytes(b"junk")
@@ -206,3 +207,89 @@ def test_phantom_folder_prepares(tmp_path: Path):
     assert len(result.done) == 2 and not result.failed
     meta = cache.read_meta(tmp_path / "cache", result.done[0])
     assert set(meta["masks"].values()) == {"input"}  # the phantom gives all masks
+
+
+# a tiny chest at 4 mm spans 128 mm, a plausible chest field of view; runs on the default options too
+WIDE = np.diag([4.0, 4.0, 4.0, 1.0])
+WIDE_OPTIONS = dict(preprocess=PreprocessConfig(size=32, spacing_mm=4.0), progress=False)
+
+
+def test_hostile_volumes_are_listed_unread(tmp_path: Path, chest, monkeypatch):
+    """Headers claiming gigabytes, truncated files, a 1-voxel volume and a hostile mask all land in
+    failed.csv, refused from their headers: no voxel data is read at all (the reads are mocked)."""
+    from nibabel.arrayproxy import ArrayProxy
+    from pydicom.dataset import Dataset
+    from test_readers import hostile_inputs, hostile_nifti
+
+    reads = []
+
+    def no_read(self, *args, **kwargs):
+        reads.append(getattr(self, "file_like", "dicom"))
+        raise AssertionError("voxel data was read")
+
+    monkeypatch.setattr(ArrayProxy, "__array__", no_read)
+    monkeypatch.setattr(Dataset, "pixel_array", property(no_read))
+    root = tmp_path / "in"
+    rows = [
+        {"id": sid, "ct": str(path.relative_to(root)), "findings": "Clear.", "impression": "Normal."}
+        for sid, (path, _) in hostile_inputs(root).items()
+    ]
+    rows.append(add_subject(root, "onevoxel", np.zeros((1, 1, 1), np.float32), np.eye(4)))
+    rows.append(add_subject(root, "slab", chest["hu"], np.eye(4)))  # 32 mm: a slab, not a chest
+    rows.append(add_subject(root, "badmask", chest["hu"], WIDE))
+    hostile_nifti(root / "badmask" / "airway.nii", (1200, 1200, 1200))
+    rows[-1]["airway"] = "badmask/airway.nii"
+    result = prepare(
+        write_rows(root / "manifest.csv", rows), tmp_path / "cache", PrepareOptions(**WIDE_OPTIONS)
+    )
+    with open(tmp_path / "cache" / "failed.csv") as f:
+        reasons = {r["id"]: r["reason"] for r in csv.DictReader(f)}
+    assert not result.done and len(reasons) == len(rows) and reads == []
+    for sid in ("frames", "huge", "dcm_huge"):
+        assert "more than the limit of 1,073,741,824 (--max-voxels)" in reasons[sid], reasons[sid]
+    assert "truncated" in reasons["short"] and "truncated" in reasons["dcm_short"]
+    assert "field of view 1 x 1 x 1 mm" in reasons["onevoxel"] and "100 mm" in reasons["onevoxel"]
+    assert "field of view 32 x 32 x 32 mm" in reasons["slab"] and "--min-extent-mm" in reasons["slab"]
+    assert "airway.nii: header claims 1200x1200x1200" in reasons["badmask"]
+
+
+def test_limit_options_on_the_command_line(tmp_path: Path, chest, capsys):
+    rows = [add_subject(tmp_path / "in", "a", chest["hu"], WIDE)]
+    manifest = write_rows(tmp_path / "in" / "manifest.csv", rows)
+    args = ["prepare", "--input", str(manifest), "--size", "32", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "c1"), "--max-voxels", "1000"]) == 1
+    assert "32x32x32 = 32,768 voxels, more than the limit of 1,000" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "c2"), "--min-extent-mm", "200"]) == 1
+    assert "smaller than the minimum 200 mm per axis" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="max_voxels=0"):
+        PrepareOptions(max_voxels=0)
+    with pytest.raises(ConfigError, match="min_extent_mm=-1"):
+        PrepareOptions(min_extent_mm=-1)
+
+
+def test_non_utf8_report_fails_only_its_row(tmp_path: Path, chest):
+    root = tmp_path / "in"
+    rows = [add_subject(root, "good", chest["hu"], WIDE), add_subject(root, "latin1", chest["hu"], WIDE)]
+    manifest = write_rows(root / "manifest.csv", rows)
+    manifest.write_bytes(manifest.read_bytes().replace(b"Findings of latin1.", b"Pas d'\xe9panchement."))
+    result = prepare(manifest, tmp_path / "cache", PrepareOptions(**WIDE_OPTIONS))
+    assert result.done == ["good"] and [f["id"] for f in result.failed] == ["latin1"]
+    with open(tmp_path / "cache" / "failed.csv", encoding="utf-8") as f:
+        (failure,) = csv.DictReader(f)
+    assert "manifest.csv row 3, column 'findings': not valid UTF-8 text (byte 0xe9)" in failure["reason"]
+
+
+def test_ctrate_id_cannot_leave_the_cache(tmp_path: Path, chest):
+    root = tmp_path / "ctrate"
+    (root / "vols").mkdir(parents=True)
+    save_nifti(tmp_path / "x" / "evil.nii.gz", chest["hu"], WIDE)  # what ../x/evil.nii.gz points at
+    save_nifti(root / "vols" / "valid_1.nii.gz", chest["hu"], WIDE)
+    (root / "reports.csv").write_text(
+        "VolumeName,Findings_EN,Impressions_EN\n"
+        "valid_1.nii.gz,Clear.,Normal.\n../x/evil.nii.gz,Clear.,Normal.\n"
+    )
+    with pytest.raises(
+        DataError, match=r"reports\.csv row 3, column 'VolumeName': id '\.\./x/evil' contains a"
+    ):
+        prepare(root, tmp_path / "cache", PrepareOptions(**WIDE_OPTIONS))
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["evil.nii.gz"]

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import csv
+import gzip
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from medsyn.data import cache
 from medsyn.data.nifti import save_nifti, spacing_affine
 from medsyn.data.readers import is_ctrate_dir, load_volume, read_ctrate, read_input, read_manifest
 from medsyn.errors import DataError
@@ -141,8 +146,11 @@ def test_not_an_input(tmp_path: Path):
         read_input(tmp_path)
 
 
-def write_dicom_series(folder: Path, volume: np.ndarray, iop, origin, spacing, slope=1.0, intercept=-1024.0):
-    """Write `volume` (cols i, rows j, slices k) as an uncompressed CT series (LPS positions)."""
+def write_dicom_series(
+    folder: Path, volume: np.ndarray, iop, origin, spacing, slope=1.0, intercept=-1024.0, claim=None
+):
+    """Write `volume` (cols i, rows j, slices k) as an uncompressed CT series (LPS positions);
+    `claim=(rows, columns)` makes the headers claim that size whatever pixel data they hold."""
     pydicom = pytest.importorskip("pydicom")
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -163,7 +171,7 @@ def write_dicom_series(folder: Path, volume: np.ndarray, iop, origin, spacing, s
         ds.ImageOrientationPatient = [float(v) for v in iop]
         ds.ImagePositionPatient = [float(v) for v in np.asarray(origin) + k * spacing[2] * normal]
         ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]  # row spacing, column spacing
-        ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
+        ds.Rows, ds.Columns = claim or (volume.shape[1], volume.shape[0])
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
@@ -200,3 +208,111 @@ def test_nibabel_test_data_dimensionality():
     assert array.shape == (33, 41, 25) and nib.aff2axcodes(affine) == ("L", "A", "S")
     with pytest.raises(DataError, match="expected a 3-D volume"):
         load_volume(Path(data_path) / "example4d.nii.gz")
+
+
+def hostile_nifti(path: Path, shape: tuple[int, ...], data: bytes = bytes(16)) -> Path:
+    """A NIfTI file of a few hundred bytes whose header claims `shape` int16 voxels (gzipped for .gz)."""
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.int16)
+    header.set_data_shape(shape)
+    header["vox_offset"] = 352
+    raw = header.binaryblock + bytes(4) + data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(raw) if path.name.endswith(".gz") else raw)
+    return path
+
+
+def hostile_inputs(root: Path) -> dict[str, tuple[Path, str]]:
+    """Files that claim gigabytes in a few hundred bytes each -> (path, expected reason)."""
+    tiny = np.zeros((2, 2, 2), np.float32)
+    write_dicom_series(
+        root / "dcm_huge", tiny, [1, 0, 0, 0, 1, 0], [0, 0, 0], (1, 1, 1), claim=(40000, 40000)
+    )
+    write_dicom_series(
+        root / "dcm_short", tiny, [1, 0, 0, 0, 1, 0], [0, 0, 0], (1, 1, 1), claim=(20000, 20000)
+    )
+    return {
+        "frames": (hostile_nifti(root / "frames.nii.gz", (48, 48, 48, 30000)), "more than the limit"),
+        "huge": (hostile_nifti(root / "huge.nii", (1200, 1200, 1200), bytes(128)), "more than the limit"),
+        "short": (hostile_nifti(root / "short.nii", (1000, 1000, 1000)), "truncated"),
+        "dcm_huge": (root / "dcm_huge", "more than the limit"),
+        "dcm_short": (root / "dcm_short", "truncated"),
+    }
+
+
+def test_hostile_headers_are_refused_without_allocating(tmp_path: Path):
+    """Each file is refused from its header; in a child process whose address space is capped 1 GiB
+    above its size after imports (so a reader that did allocate fails fast), peak RSS grows < 64 MiB."""
+    inputs = hostile_inputs(tmp_path)
+    assert max((p.stat().st_size for p, _ in inputs.values() if p.is_file()), default=0) < 600
+    child = textwrap.dedent(
+        """
+        import os, resource, sys
+        from medsyn.data.readers import load_volume
+        from medsyn.errors import DataError
+        size = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        resource.setrlimit(resource.RLIMIT_AS, (size + 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for path in sys.argv[1:]:
+            try:
+                load_volume(path)
+                print("read", path)
+            except (DataError, MemoryError) as err:
+                print(type(err).__name__, str(err).replace(chr(10), " "))
+        print("rss_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+        """
+    )
+    paths = [str(p) for p, _ in inputs.values()]
+    done = subprocess.run([sys.executable, "-c", child, *paths], capture_output=True, text=True, timeout=300)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and len(lines) == len(paths) + 1, done.stderr[-2000:]
+    for line, (path, reason) in zip(lines, inputs.values(), strict=False):
+        assert line.startswith(f"DataError {path}: ") and reason in line, line
+    assert int(lines[-1].split()[1]) < 64 * 1024
+
+
+def test_voxel_limit_and_truncation_named(tmp_path: Path):
+    path = hostile_nifti(tmp_path / "short.nii", (64, 64, 64))
+    with pytest.raises(
+        DataError, match=r"short\.nii: header claims 64x64x64 voxels \(524,288 bytes\).*holds 16 bytes"
+    ):
+        load_volume(path)
+    save_nifti(tmp_path / "ok.nii", np.zeros((4, 5, 6), np.int16), np.eye(4))
+    assert load_volume(tmp_path / "ok.nii")[0].shape == (4, 5, 6)
+    with pytest.raises(
+        DataError, match=r"ok\.nii: header claims 4x5x6 = 120 voxels, more than the limit of 100"
+    ):
+        load_volume(tmp_path / "ok.nii", max_voxels=100)
+
+
+def test_unsafe_ids_are_refused_by_both_readers_and_the_cache(tmp_path: Path, manifest: Path):
+    root = make_ctrate(tmp_path / "ctrate")
+    for name in ("../x/evil.nii.gz", "..nii.gz", "a\\b.nii.gz", ".nii.gz"):
+        reports = root / "train_reports.csv"
+        reports.write_text(f"VolumeName,Findings_EN,Impressions_EN\n{name},Clear.,Normal.\n")
+        with pytest.raises(DataError, match=r"train_reports\.csv row 2, column 'VolumeName': id "):
+            read_ctrate(root, check=False)
+    rows = list(csv.DictReader(open(manifest)))
+    for bad in ("../b", "..", ".hidden", "a/b", "tab\there", "x" * 201):
+        rows[1]["id"] = bad
+        write_csv(manifest, rows, COLUMNS)
+        with pytest.raises(DataError, match=r"manifest\.csv row 3, column 'id': id "):
+            read_manifest(manifest, check=False)
+    hr = np.zeros((4, 4, 4, 4), np.float32)
+    with pytest.raises(DataError, match="subject id '../evil' contains a path separator"):
+        cache.write_subject(tmp_path / "cache", "../evil", hr, hr, {"findings": "", "impression": ""})
+    assert not (tmp_path / "evil").exists()
+
+
+def test_non_utf8_row_is_a_row_error(tmp_path: Path, manifest: Path):
+    head, tail = manifest.read_bytes().rsplit(b"Normal.", 1)  # row 3's impression
+    manifest.write_bytes(head + "Épanchement.".encode("latin-1") + tail)
+    good, bad = read_manifest(manifest, check=False)
+    assert good.error == "" and "row 3, column 'impression': not valid UTF-8 text (byte 0xc9)" in bad.error
+    with pytest.raises(DataError, match=r"row 3, column 'impression': not valid UTF-8"):
+        read_manifest(manifest)
+    root = make_ctrate(tmp_path / "ctrate")
+    reports = root / "train_reports.csv"
+    reports.write_bytes(reports.read_bytes().replace(b"No effusion.", b"Pas d'\xe9panchement."))
+    (subject,) = read_ctrate(root, check=False)
+    assert "row 2, column 'Findings_EN': not valid UTF-8 text (byte 0xe9)" in subject.error

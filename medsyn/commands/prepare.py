@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from medsyn.data.prepare import MIN_EXTENT_MM
+from medsyn.data.readers import MAX_VOXELS
 from medsyn.data.segment import DEFAULT_BACKEND, available_backends
 
 HELP = "Prepare a manifest CSV or CT-RATE directory into a cache of 4-channel volumes with splits."
@@ -41,6 +43,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions (hash of the id)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
     parser.add_argument("--limit", type=int, default=None, help="only the first N subjects")
+    parser.add_argument(
+        "--max-voxels",
+        type=int,
+        default=MAX_VOXELS,
+        help="refuse (unread, in failed.csv) a volume whose header claims more voxels (default 1024^3)",
+    )
+    parser.add_argument(
+        "--min-extent-mm",
+        type=float,
+        default=MIN_EXTENT_MM,
+        help=f"refuse a CT smaller than this along any axis (default {MIN_EXTENT_MM:g} mm)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")  # fmt: skip
 
 
@@ -56,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         limit=args.limit,
         progress=not args.no_progress,
+        max_voxels=args.max_voxels,
+        min_extent_mm=args.min_extent_mm,
     )
     result = prepare(args.input, args.out, options)
     print(

@@ -44,6 +44,25 @@ MANIFEST_COLUMNS = (
 FAILED_COLUMNS = ("id", "source", "reason")
 SPLITS = ("train", "val", "test")
 CACHE_DTYPE = np.float16
+MAX_ID_BYTES = 200  # a folder name, plus the temporary name's prefix and suffix, within 255 bytes
+
+
+def id_problem(subject_id: str) -> str:
+    """Why `subject_id` cannot name a folder directly inside the cache ('' when it can).
+
+    Every subject id passes here (the readers, `write_subject`), so no id can write outside the cache.
+    """
+    if not subject_id:
+        return "is empty"
+    if "/" in subject_id or "\\" in subject_id:
+        return "contains a path separator; expected a plain folder name"
+    if subject_id.startswith("."):
+        return "starts with '.'; expected a plain folder name (not hidden, not '..')"
+    if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in subject_id):
+        return "contains a control character or bytes that are not UTF-8"
+    if len(subject_id.encode("utf-8")) > MAX_ID_BYTES:
+        return f"is longer than {MAX_ID_BYTES} bytes"
+    return ""
 
 
 def downsample(hr: np.ndarray, factor: int = 4) -> np.ndarray:
@@ -80,6 +99,9 @@ def write_subject(
     overwrite: bool = False,
 ) -> Path:
     """Write one subject atomically; `meta` must hold `findings` and `impression`."""
+    problem = id_problem(subject_id)
+    if problem:
+        raise DataError(f"subject id {subject_id!r} {problem}")
     target = Path(root) / subject_id
     with atomic_dir(target, overwrite=overwrite) as tmp:
         np.save(tmp / HR_FILE, np.asarray(hr, dtype=CACHE_DTYPE))

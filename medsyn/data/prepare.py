@@ -1,6 +1,7 @@
 """`medsyn prepare` as a function: read inputs, preprocess, segment, write the cache.
 
-Each subject is validated, loaded, resampled to the RAS grid, given masks (from the manifest when
+Each subject is validated (its volumes' headers first: voxel count, file size, field of view, so a
+hostile header costs nothing), loaded, resampled to the RAS grid, given masks (from the manifest when
 given, else from the segmentation backend), encoded to the 4-channel stack, downsampled, and written
 atomically. A bad subject is recorded in `failed.csv` with its reason and the rest go on. Subjects
 already in the cache are skipped, so an interrupted run resumes where it stopped.
@@ -21,9 +22,11 @@ from tqdm import tqdm
 from medsyn.data import cache
 from medsyn.data.channels import MASK_CHANNELS, NUM_LOBE_LABELS, encode_volume
 from medsyn.data.preprocess import PreprocessConfig, apply_rescale, override_spacing, to_grid
-from medsyn.data.readers import Subject, load_volume, read_input
+from medsyn.data.readers import MAX_VOXELS, Subject, Volume, open_volume, read_input
 from medsyn.data.segment import DEFAULT_BACKEND, Segmenter, get_backend, segment
 from medsyn.errors import ConfigError, DataError
+
+MIN_EXTENT_MM = 100.0  # a chest CT covers at least this along every axis (--min-extent-mm)
 
 
 @dataclass
@@ -37,6 +40,8 @@ class PrepareOptions:
     workers: int = 1
     limit: int | None = None
     progress: bool = True
+    max_voxels: int = MAX_VOXELS  # a volume whose header claims more is refused unread
+    min_extent_mm: float = MIN_EXTENT_MM  # a CT smaller than this along any axis is refused
 
     def __post_init__(self) -> None:
         if any(s % self.lr_factor for s in self.preprocess.shape):
@@ -45,6 +50,10 @@ class PrepareOptions:
             raise ConfigError(f"workers={self.workers}: expected at least 1")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit={self.limit}: expected at least 1")
+        if self.max_voxels < 1:
+            raise ConfigError(f"max_voxels={self.max_voxels}: expected at least 1")
+        if not self.min_extent_mm >= 0:
+            raise ConfigError(f"min_extent_mm={self.min_extent_mm}: expected a non-negative length in mm")
         cache.split_for("x", self.split_fractions)  # validates the fractions
 
 
@@ -61,33 +70,60 @@ class PrepareResult:
         return bool(self.failed) and not self.done and not self.skipped
 
 
-def _load_masks(subject: Subject, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+def _check_extent(path: Path, shape: tuple[int, ...], affine: np.ndarray, min_extent_mm: float) -> None:
+    """Refuse a volume smaller than `min_extent_mm` along any axis (a stray slab, a 1-voxel file)."""
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    extent = np.asarray(shape[:3]) * spacing
+    if extent.min() < min_extent_mm:
+        mm = " x ".join(f"{e:.4g}" for e in extent)
+        raise DataError(
+            f"{path}: field of view {mm} mm (shape {tuple(shape)}) is smaller than the minimum"
+            f" {min_extent_mm:g} mm per axis for a chest CT (--min-extent-mm)"
+        )
+
+
+def _open_masks(subject: Subject, shape: tuple[int, ...], max_voxels: int) -> dict[str, Volume]:
+    """The given masks' headers, checked against the CT's shape before any voxel is read."""
     masks = {}
     for name, path in subject.masks.items():
-        mask, _ = load_volume(path)
+        mask = open_volume(path, max_voxels)
         if mask.shape != shape:
             raise DataError(f"{path}: mask shape mismatch: {name} is {mask.shape}, ct is {shape}")
+        masks[name] = mask
+    return masks
+
+
+def _read_masks(masks: dict[str, Volume]) -> dict[str, np.ndarray]:
+    arrays = {}
+    for name, volume in masks.items():
+        mask, path = volume.read(), volume.path
         if not np.isfinite(mask).all():
             raise DataError(f"{path}: {name} mask has NaN or infinite voxels")
         if name == "lobes" and (mask.min() < 0 or mask.max() > NUM_LOBE_LABELS):
             raise DataError(
                 f"{path}: lobe labels must be in 0..{NUM_LOBE_LABELS}, got {mask.min()}..{mask.max()}"
             )
-        masks[name] = np.rint(mask).astype(np.uint8) if name == "lobes" else (mask > 0).astype(np.uint8)
-    return masks
+        arrays[name] = np.rint(mask).astype(np.uint8) if name == "lobes" else (mask > 0).astype(np.uint8)
+    return arrays
 
 
 def prepare_subject(subject: Subject, out: Path, options: PrepareOptions, backend: Segmenter | None) -> None:
-    """Prepare one subject into `out/<id>/`; raises `DataError` on bad input."""
+    """Prepare one subject into `out/<id>/`; raises `DataError` on bad input.
+
+    Every header (CT and masks) is checked before any voxel is read, so a file whose header claims
+    gigabytes costs nothing.
+    """
     subject.check()
-    hu, affine = load_volume(subject.ct)
+    volume = open_volume(subject.ct, options.max_voxels)
+    affine = volume.affine if subject.spacing is None else override_spacing(volume.affine, subject.spacing)
+    _check_extent(subject.ct, volume.shape, affine, options.min_extent_mm)
+    mask_volumes = _open_masks(subject, volume.shape, options.max_voxels)
+    hu = volume.read()
     if not np.isfinite(hu).all():
         raise DataError(f"{subject.ct}: CT has {int((~np.isfinite(hu)).sum())} NaN or infinite voxels")
-    if subject.spacing is not None:
-        affine = override_spacing(affine, subject.spacing)
     if subject.rescale is not None:
         hu = apply_rescale(hu, *subject.rescale)
-    given = _load_masks(subject, hu.shape)
+    given = _read_masks(mask_volumes)
     ct, given, grid_affine = to_grid(hu, affine, given, options.preprocess)
     missing = [c for c in MASK_CHANNELS if c not in given]
     masks = segment(ct, grid_affine, backend if missing else None, given=given)
