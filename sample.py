@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sr", help="super-resolution run directory; without it the base volume is written")
     p.add_argument("--prompt", action="append", default=[], help="a report to condition on (repeatable)")
     p.add_argument("--prompts-file", help='text file (one prompt a line) or JSONL ({"prompt", "seed"})')
-    p.add_argument("--out", required=True, help="output directory (refused if it exists, see --overwrite)")
+    p.add_argument("--out", required=True,
+                   help="output directory; a rerun of the same request keeps its finished samples and makes the rest")  # fmt: skip
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (unless a JSONL seed)")
     p.add_argument(
@@ -47,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sr-noise", type=float, default=None,
                    help="noise-augmentation level of the SR input (default: the SR run's lowres.noise_sample)")  # fmt: skip
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace sample folders medsyn wrote for another request; other files in OUT are kept")  # fmt: skip
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a run's text model to run its own Python code (text.trust_remote_code stored in "
+                        "the weights is ignored without this flag)")  # fmt: skip
     return p
 
 
@@ -65,11 +71,16 @@ def read_prompts(path: str | Path) -> list[tuple[str, int | None]]:
             continue
         try:
             row = json.loads(line)
-            out.append((str(row["prompt"]), None if row.get("seed") is None else int(row["seed"])))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            prompt, seed = row["prompt"], None if row.get("seed") is None else int(row["seed"])
+            if not isinstance(prompt, str):
+                raise TypeError(f'"prompt" is {type(prompt).__name__}')
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
             raise DataError(
                 f'{path}:{n}: expected a JSON object with "prompt" and optional "seed" ({err})'
             ) from err
+        if not prompt.strip():
+            raise DataError(f'{path}:{n}: "prompt" is empty; expected a report text')
+        out.append((prompt, seed))
     if not out:
         raise DataError(f"{path}: no prompts in the file")
     return out
@@ -86,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from medsyn.generation.fixed import load_fixed, parse_fix, read_fixed
-    from medsyn.generation.output import run_sampling
+    from medsyn.generation.output import check_out_dir, run_sampling
     from medsyn.generation.run import load_run
     from medsyn.generation.stages import SampleOptions
 
@@ -95,6 +106,13 @@ def main(args: argparse.Namespace) -> int:
     )
     if not prompts:
         raise DataError("no prompt given; pass --prompt TEXT or --prompts-file FILE")
+    for prompt in args.prompt:
+        if not prompt.strip():
+            raise DataError(f"--prompt {prompt!r}: empty; expected a report text (for unconditional samples "
+                            "give any prompt with --guidance 0)")  # fmt: skip
+    if args.guidance < 0:
+        raise DataError(f"--guidance {args.guidance:g}: expected a scale >= 0 (0: unconditional, 1: conditional "
+                        "without guidance, above 1: stronger guidance)")  # fmt: skip
     if args.sr_noise is not None and not args.sr:
         raise DataError("--sr-noise sets the SR model's input noise; it needs --sr RUN_DIR")
     if args.num_samples < 1:
@@ -102,8 +120,7 @@ def main(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda: no CUDA device is available; use --device cpu")
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise DataError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+    check_out_dir(out, args.overwrite)  # before any model loads; run_sampling checks the samples in it
     options = SampleOptions(
         steps=args.steps, sr_steps=args.sr_steps, sampler=args.sampler, guidance=args.guidance,
         guidance_interval=tuple(args.guidance_interval), guidance_rescale=args.guidance_rescale,
@@ -112,8 +129,9 @@ def main(args: argparse.Namespace) -> int:
     )  # fmt: skip
     raw = read_fixed(parse_fix(args.fix))  # bad files fail here, before any model loads
     hf_logging.disable_progress_bar()
-    base = load_run(args.base, args.device, stage="base")
-    sr = load_run(args.sr, args.device, stage="sr") if args.sr else None
+    trust = args.trust_remote_code
+    base = load_run(args.base, args.device, stage="base", trust_remote_code=trust)
+    sr = load_run(args.sr, args.device, stage="sr", trust_remote_code=trust) if args.sr else None
     grid = sr.grid if sr is not None else base.grid
     fixed = load_fixed(raw, grid, base.hr_grid, base.factor) if raw else None
     print(f"sample.py: {len(prompts) * args.num_samples} sample(s) on the grid {list(grid.shape)} at "
@@ -130,4 +148,6 @@ def main(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     from medsyn.cli import run_cli
 
+    # SIGTERM unwinds as Ctrl-C does: the sample being written is removed, finished samples stay
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     sys.exit(run_cli(main, "sample.py", build_parser().parse_args()))

@@ -55,6 +55,55 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         raise
 
 
+def make_temp_dir(parent: str | os.PathLike, prefix: str, marker: str | None = None) -> Path:
+    """A new hidden-by-prefix temporary directory in `parent`, with the usual permissions; `marker`
+    names an empty file created in it at once, so a later run can tell it was left unfinished."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    if marker is not None:
+        (tmp / marker).touch()
+    return tmp
+
+
+def publish_dir(
+    tmp: str | os.PathLike, path: str | os.PathLike, aside: str | os.PathLike | None = None
+) -> None:
+    """Rename the finished directory `tmp` onto `path`, so `path` always holds one complete version.
+
+    An existing `path` is replaced only when `aside` is given: it is renamed to `aside` first and removed
+    once the new one is in place (a crash in between leaves it at `aside`, never half-deleted at `path`).
+    """
+    tmp, path = Path(tmp), Path(path)
+    if aside is not None and (path.exists() or path.is_symlink()):
+        os.rename(path, aside)
+        os.rename(tmp, path)
+        shutil.rmtree(aside)
+        return
+    if path.exists() or path.is_symlink():
+        raise FileExistsError(f"{path} exists")
+    os.rename(tmp, path)
+
+
+@contextlib.contextmanager
+def locked_dir(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock (flock) on the directory `path` for the block.
+
+    Raises BlockingIOError at once when another process holds it; the lock ends with the process,
+    so a killed run never leaves a stale lock (and no lock file) behind.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

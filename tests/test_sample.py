@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,17 +135,157 @@ def test_same_seed_same_volume_and_batch_size_invariance(runs):
     assert not torch.allclose(batched[0], batched[1], atol=1e-2)  # different seeds differ
 
 
-def test_existing_out_dir_refused_without_overwrite(runs, tmp_path, capsys):
+def test_existing_out_dir_refused_without_overwrite_and_kept_with_it(runs, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert run_sample("--base", runs["base"], "--prompt", "x", "--out", out, *FAST) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--overwrite" in err and str(out) in err
+    assert len(err.splitlines()) == 1 and "--overwrite" in err and str(out) in err and "keep.txt" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary left
     assert run_sample("--base", runs["base"], "--prompt", "x", "--out", out, "--overwrite", *FAST) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["0"]
+    # --overwrite never deletes a user's file
+    assert sorted(p.name for p in out.iterdir()) == ["0", "keep.txt"]
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_overwrite_refuses_cwd_parent_home_symlink_and_file(runs, tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    work = home / "work"
+    (work / "project").mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    (work / "project" / "main.py").write_text("print(1)")
+    (work / "file.txt").write_text("mine")
+    (work / "link").symlink_to(work / "project")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(home))
+    for out in (".", "..", str(home), "link", "file.txt"):
+        rc = run_sample("--base", runs["base"], "--prompt", "x", "--out", out, "--overwrite", *FAST)
+        assert rc == 2, out
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and out in err and "Traceback" not in err
+    assert sorted(p.name for p in work.iterdir()) == ["file.txt", "link", "notes.txt", "project"]
+    assert (work / "notes.txt").read_text() == "mine" and (work / "project" / "main.py").is_file()
+    assert sorted(p.name for p in home.iterdir()) == ["work"]
+
+
+def interrupt_after(calls: int, monkeypatch) -> list:
+    """Make `run_sampling`'s synthesize raise KeyboardInterrupt (Ctrl-C) on call number `calls` + 1."""
+    from medsyn.generation import output, stages
+
+    seen: list = []
+    real = stages.synthesize
+
+    def synthesize(*args, **kwargs):
+        seen.append(args[2])
+        if len(seen) > calls:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(output, "synthesize", synthesize)
+    return seen
+
+
+def test_interrupted_run_keeps_finished_samples_and_a_rerun_continues(runs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    args = ("--base", runs["base"], "--prompt", "a", "--prompt", "b", "--prompt", "c", "--out", out, *FAST)
+    interrupt_after(1, monkeypatch)
+    assert run_sample(*args) == 130  # Ctrl-C while sample 1 is made
+    assert sorted(p.name for p in out.iterdir()) == ["0"]  # sample 0 finished, nothing half-written
+    assert len(list((out / "0").iterdir())) == 6
+    first = (out / "0" / "meta.json").read_text()
+    assert "run the same command again" in capsys.readouterr().out
+    # a killed run (no chance to clean up) leaves its temporary folder: the next run removes it
+    stale = out / ".sample-1.k3j5h7g9.tmp"
+    stale.mkdir()
+    (stale / ".medsyn-unfinished").touch()
+    (stale / "ct.nii.gz").write_bytes(b"partial")
+    seen = interrupt_after(10, monkeypatch)
+    assert run_sample(*args, "--batch-size", "2") == 0  # same request: the batch size does not matter
+    assert seen == [["b", "c"]]  # sample 0 is kept, not made again
+    assert sorted(p.name for p in out.iterdir()) == ["0", "1", "2"]
+    assert (out / "0" / "meta.json").read_text() == first
+    assert [json.loads((out / i / "meta.json").read_text())["prompt"] for i in "012"] == ["a", "b", "c"]
+    assert "1 of 3 sample(s) already made" in capsys.readouterr().out
+
+
+def test_another_request_is_refused_and_overwrite_replaces_only_medsyn_samples(runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    common = ("--base", runs["base"], "--out", out, *FAST)
+    assert run_sample(*common, "--prompt", "a", "--prompt", "b") == 0
+    capsys.readouterr()
+    assert run_sample(*common, "--prompt", "other") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "prompt" in err and "--overwrite" in err and str(out / "0") in err
+    assert json.loads((out / "0" / "meta.json").read_text())["prompt"] == "a"
+    (out / "notes.txt").write_text("mine")
+    assert run_sample(*common, "--prompt", "other", "--overwrite") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["0", "notes.txt"]  # sample 1 was another request's
+    assert json.loads((out / "0" / "meta.json").read_text())["prompt"] == "other"
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_progress_bars_over_samples_and_steps(runs, tmp_path, capsys):
+    from medsyn.generation.output import run_sampling
+
+    base, sr = load_run(runs["base"], stage="base"), load_run(runs["sr"], stage="sr")
+    options = SampleOptions(steps=2, sr_steps=3)
+    calls = []
+    synthesize(base, sr, ["x"], [0], options, callback=lambda i, t, x, x0: calls.append(i))
+    assert calls == [0, 1, 0, 1, 2]  # every step of both stages
+    run_sampling(base, sr, [("x", 0), ("y", 1)], options, tmp_path / "o", progress=True)
+    err = capsys.readouterr().err
+    assert "samples: 100%" in err and "2/2" in err and "steps" in err and "5/5" in err
+
+
+def test_negative_guidance_and_empty_prompts_are_refused(runs, tmp_path, capsys):
+    common = ("--base", runs["base"], "--out", tmp_path / "o", *FAST)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n{"prompt": " "}\n')
+    for extra, expected in [
+        (("--prompt", "x", "--guidance", "-1"), "--guidance -1"),
+        (("--prompt", "  "), "--prompt '  '"),
+        (("--prompts-file", tmp_path / "p.jsonl"), "p.jsonl:2"),
+    ]:
+        assert run_sample(*common, *extra) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_stored_trust_remote_code_is_ignored_unless_asked(runs, tmp_path, monkeypatch, capsys):
+    """A weights file naming a text model with its own code must not make sample.py run that code."""
+    import transformers.dynamic_module_utils as dynamic
+
+    from medsyn.weights import load_weights
+
+    marker = tmp_path / "MARKER"
+    text = tmp_path / "marker_bert"
+    shutil.copytree(runs["bert"], text)
+    (text / "marker_model.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('imported')\n"
+        "from transformers import BertConfig, BertModel\n"
+        "class MarkerConfig(BertConfig):\n    model_type = 'bert'\n"
+        "class MarkerModel(BertModel):\n    config_class = MarkerConfig\n"
+    )
+    config = json.loads((text / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "marker_model.MarkerConfig", "AutoModel": "marker_model.MarkerModel"}
+    (text / "config.json").write_text(json.dumps(config))
+    state, run_config = load_weights(runs["base"] / "model.safetensors")
+    run_config["text"] = {**run_config["text"], "model": str(text), "trust_remote_code": True}
+    export_weights(tmp_path / "base" / "model.safetensors", state, run_config)
+    # transformers copies remote code to its modules cache and imports it from there: keep that in tmp
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    try:
+        assert run_sample("--base", tmp_path / "base", "--prompt", "x", "--out", tmp_path / "o", *FAST) == 0
+        assert not marker.exists()
+        assert "ignoring text.trust_remote_code" in capsys.readouterr().out
+        load_run(tmp_path / "base", trust_remote_code=True, log=lambda _: None)  # the flag: the code runs
+        assert marker.exists()
+    finally:
+        for name in [m for m in sys.modules if m.startswith("transformers_modules")]:
+            del sys.modules[name]
 
 
 def test_prompts_file_text_and_jsonl(tmp_path):
@@ -199,3 +340,14 @@ def test_sr_noise_outside_the_trained_range_is_refused(runs, tmp_path, capsys):
         run_sample(*common, "--sr", runs["sr"], "--sr-noise", "0.1", "--guidance-interval", "0.9", "0.1") == 2
     )
     assert "guidance interval" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_second_run_into_the_same_out_dir_is_refused(runs, tmp_path, capsys):
+    from medsyn.io import locked_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with locked_dir(out):  # as a run still writing samples there holds it
+        assert run_sample("--base", runs["base"], "--prompt", "x", "--out", out, *FAST) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "another run is writing" in err and not any(out.iterdir())

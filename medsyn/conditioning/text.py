@@ -66,7 +66,7 @@ def hub_offline() -> bool:
         return False
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     """A name that can only mean a filesystem location, never a hub repository id."""
     return os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name or name.count("/") > 1
 
@@ -106,7 +106,7 @@ def load_text_model(
         source = str(path)
     elif path.exists():
         raise DataError(f"text model {name!r} is a file; expected a model directory or a hub name")
-    elif _looks_like_path(name):
+    elif looks_like_path(name):
         raise _not_found(name, "there is no such directory")
     else:
         source = name

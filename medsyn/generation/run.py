@@ -9,12 +9,14 @@ file and say what was expected.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from medsyn.conditioning.text import looks_like_path
 from medsyn.data.grid import LR_FACTOR, Grid
 from medsyn.data.nifti import spacing_affine
 from medsyn.errors import DataError, MedsynError
@@ -103,12 +105,68 @@ def run_grid(config: dict) -> tuple[Grid, int]:
     return Grid(shape, (1.0,) * 3, spacing_affine(1.0, shape), "default (1 mm)"), LR_FACTOR
 
 
+RUN_PARENTS = 3  # levels above a run directory searched for its relative paths: runs/demo/base -> repo root
+
+
+def find_run_path(value: str, run_dir: Path) -> Path | None:
+    """A path stored in a run's config: as it is when it exists from the current directory, else
+    relative to the run directory or one of its `RUN_PARENTS` parents (where training ran); None if
+    none of them holds it."""
+    path = Path(value).expanduser()
+    if path.exists() or path.is_absolute():
+        return path if path.exists() else None
+    for where in (Path(os.path.abspath(run_dir)), run_dir.resolve()):  # as given, and with links resolved
+        for root in (where, *where.parents[:RUN_PARENTS]):
+            if (root / path).exists():
+                return root / path
+    return None
+
+
+def _resolve_paths(config: dict, run_dir: Path) -> None:
+    """Resolve the relative paths of a stored config (`text.model`, `data.root`) as `find_run_path` does,
+    so a run directory loads from any working directory. A missing text model directory is an error."""
+    text, data = config.get("text"), config.get("data")
+    if isinstance(text, dict) and isinstance(text.get("model"), str):
+        name = text["model"]
+        found = find_run_path(name, run_dir)
+        if found is not None:
+            text["model"] = str(found)
+        elif looks_like_path(name):
+            raise DataError(
+                f"{run_dir}: text model directory {name!r} (text.model in the stored run config) not found "
+                f"from the current directory, nor from the run directory or the {RUN_PARENTS} above it; "
+                "expected the text model the run was trained with there"
+            )
+    if isinstance(data, dict) and isinstance(data.get("root"), str):
+        found = find_run_path(data["root"], run_dir)
+        if found is not None:
+            data["root"] = str(found)
+
+
+def _distrust(config: dict, weights: Path, log: Callable[[str], None]) -> None:
+    """Never run code a weights file names: switch off a stored `text.trust_remote_code`."""
+    text = config.get("text")
+    if not isinstance(text, dict):
+        return
+    if text.get("trust_remote_code"):
+        log(f"{weights}: ignoring text.trust_remote_code=true from the stored run config (a weights file "
+            "never runs code); pass --trust-remote-code to allow it")  # fmt: skip
+    text["trust_remote_code"] = False
+
+
 def load_run(
-    run_dir: str | os.PathLike, device: str | torch.device = "cpu", stage: str | None = None
+    run_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    stage: str | None = None,
+    trust_remote_code: bool = False,
+    log: Callable[[str], None] = print,
 ) -> LoadedRun:
     """Build the model of `run_dir` from its config and EMA weights, ready to generate on `device`.
 
     `stage` ("base" / "sr"), when given, must match the run's. Errors name the directory or file.
+    trust_remote_code: honour a stored `text.trust_remote_code` (model code from the text model's
+        directory or hub repository); by default it is switched off, with a note through `log`.
+    Relative paths in the stored config are found from here or from the run directory's parents.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -123,10 +181,18 @@ def load_run(
         raise DataError(f"{weights}: unknown stage {run_stage!r} in the weights' metadata")
     if stage is not None and run_stage != stage:
         raise DataError(f"{run_dir}: is a '{run_stage}' run, expected a '{stage}' run here")
+    if not trust_remote_code:
+        _distrust(config, weights, log)
+    _resolve_paths(config, run_dir)
     try:
         model = build_diffusion_model(config)
+    except KeyError as err:
+        raise DataError(f"{weights}: the stored run config lacks {err}") from err
+    except MedsynError as err:
+        raise DataError(f"{run_dir}: cannot build the run's model from its stored config: {err}") from err
+    try:
         model.load_exported_state(state)
-    except (KeyError, RuntimeError, MedsynError) as err:
+    except (KeyError, RuntimeError) as err:
         raise DataError(f"{weights}: weights do not match the run's config ({err})") from err
     hr_grid, factor = run_grid(config)
     model = model.to(device).eval().requires_grad_(False)

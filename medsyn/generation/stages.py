@@ -156,17 +156,19 @@ class SampleOptions:
 
 def synthesize(
     base, sr, prompts: Sequence[str], seeds: Sequence[int], options: SampleOptions,
-    fixed: FixedChannels | None = None,
+    fixed: FixedChannels | None = None, callback: Callable | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Base sample with CFG (and SR when `sr` is given) for one batch; (B, 4, *S) float32 on the CPU.
 
     base, sr: `medsyn.generation.run.LoadedRun`s. `fixed` lies on the output grid (SR's when `sr` is given).
+    callback: the samplers' `callback(i, t, x, x0)`, called once per step of each stage (progress).
     """
     factor = base.factor if sr is not None else 1
     hold = (fixed.encoded(factor), fixed.index) if fixed is not None else None
     x = generate_base(
         base.model, prompts, seeds, base.grid.shape, steps=options.steps, sampler=options.sampler,
-        grid=options.grid, hold=hold, resample_rounds=options.resample_rounds, **options.guidance_kwargs(),
+        grid=options.grid, hold=hold, resample_rounds=options.resample_rounds, callback=callback,
+        **options.guidance_kwargs(),
     )  # fmt: skip
     if sr is None:
         return x.float().cpu()
@@ -177,6 +179,6 @@ def synthesize(
     x = generate_sr(
         sr.model, lowres, sr_seeds, options.lowres_noise, steps=options.sr_steps, sampler=options.sampler,
         grid=options.grid, hold=hold, resample_rounds=options.resample_rounds, window=window,
-        overlap=options.overlap,
+        overlap=options.overlap, callback=callback,
     )  # fmt: skip
     return x.float().cpu()

@@ -1,0 +1,55 @@
+"""Sample output folders (medsyn.generation.output): which OUT is refused, what counts as medsyn's own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medsyn.errors import DataError
+from medsyn.generation.output import check_out_dir, clean_unfinished
+
+
+@pytest.mark.parametrize("where", ["root", "cwd", "parent", "home", "symlink", "file"])
+def test_unsafe_out_dirs_are_refused_even_with_overwrite(where, tmp_path, monkeypatch):
+    work = tmp_path / "home" / "work"
+    work.mkdir(parents=True)
+    (tmp_path / "target").mkdir()
+    (work / "link").symlink_to(tmp_path / "target")
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    out = {"root": Path("/"), "cwd": Path("."), "parent": Path(".."), "home": tmp_path / "home",
+           "symlink": Path("link"), "file": Path("notes.txt")}[where]  # fmt: skip
+    with pytest.raises(DataError, match="expected a") as info:
+        check_out_dir(out, overwrite=True)
+    assert str(out) in str(info.value) and len(str(info.value).splitlines()) == 1
+
+
+def test_new_empty_or_nested_out_dirs_are_fine(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    for out in (Path("empty"), Path("new/samples"), tmp_path / "other"):
+        check_out_dir(out)
+
+
+def test_only_medsyn_temporaries_are_cleaned(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    unfinished = out / ".sample-3.ab_cd123.tmp"  # medsyn's name, with its marker
+    unfinished.mkdir()
+    (unfinished / ".medsyn-unfinished").touch()
+    (unfinished / "ct.nii.gz").write_bytes(b"partial")
+    (out / ".sample-4.x1y2z3.tmp").mkdir()  # killed right after it was made: empty
+    lookalike = out / ".sample-5.mine.tmp"  # the user's folder with medsyn's name but not its content
+    lookalike.mkdir()
+    (lookalike / "data.txt").write_text("mine")
+    (out / ".cache.tmp").mkdir()
+    old = tmp_path / ".out.a1b2c3d4.tmp" / "0"  # before 0.2: a temporary OUT beside OUT
+    old.mkdir(parents=True)
+    (old / "ct.nii.gz").write_bytes(b"partial")
+    (tmp_path / ".other.a1b2c3d4.tmp").mkdir()  # another directory's: not ours to touch
+    assert clean_unfinished(out) == 3
+    assert sorted(p.name for p in out.iterdir()) == [".cache.tmp", ".sample-5.mine.tmp"]
+    assert (lookalike / "data.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.a1b2c3d4.tmp", "out"]
