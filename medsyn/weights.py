@@ -3,6 +3,9 @@ read by generation).
 
 Users share these files; loading them runs no code (unlike a pickled checkpoint).
 Keys: `net.*` the UNet, `text.*` the trainable text parts (e.g. a learned null condition).
+The metadata's `sha256` (of the tensors and the other metadata) is checked on load, so a damaged file
+is an error rather than a model that samples garbage; so are weights that are not finite. Files written
+before the checksum existed load without that check.
 """
 
 from __future__ import annotations
@@ -28,23 +31,30 @@ FORMAT = "medsyn-weights-1"
 def export_weights(
     path: str | os.PathLike, state: Mapping[str, torch.Tensor], config: Mapping[str, Any]
 ) -> Path:
-    """Write `state` (CPU, contiguous copies) and `config` (as JSON metadata) to `path` atomically."""
+    """Write `state` (CPU, contiguous copies) and `config` (as JSON metadata) to `path` atomically.
+
+    Non-finite weights are refused (DataError naming the tensor): they would sample nothing but noise.
+    """
+    path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    _check_finite(path, tensors, "not written: ")
     metadata = {
         "format": FORMAT,
         "stage": str(config.get("stage", "")),
         "config": json.dumps(config, default=str),
     }
-    path = Path(path)
+    metadata["sha256"] = weights_digest(tensors, metadata)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # save_file makes a new file with mode 0600
     return path
 
 
 def load_weights(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read exported weights; returns `(state, config)`. Errors name the file."""
+    """Read exported weights; returns `(state, config)`. Checks the checksum (when the file has one) and
+    that every weight is finite. Errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such weights file")
@@ -53,14 +63,56 @@ def load_weights(
 
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        state = load_file(str(path), device=str(device))
+        state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
         raise DataError(f"{path}: not a readable safetensors file ({err})") from err
     if metadata.get("format") != FORMAT:
         raise DataError(
             f"{path}: not medsyn weights (metadata format {metadata.get('format')!r}, expected {FORMAT})"
         )
-    return state, json.loads(metadata.get("config", "{}"))
+    expected = metadata.get("sha256")
+    if expected is not None and weights_digest(state, metadata) != expected:
+        raise DataError(
+            f"{path}: damaged (the sha256 of its tensors and metadata differs from the one recorded when it "
+            "was written); export it again from the run's checkpoint or copy it again"
+        )
+    _check_finite(path, state, "")
+    try:
+        config = json.loads(metadata.get("config", "{}"))
+    except ValueError as err:
+        raise DataError(f"{path}: the config in its metadata is not valid JSON ({err})") from err
+    if str(device) != "cpu":
+        state = {k: v.to(device) for k, v in state.items()}
+    return state, config
+
+
+def weights_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    """Hex sha256 of the tensors (name, dtype, shape, bytes; by name) and of the metadata but `sha256`."""
+    digest = hashlib.sha256()
+    for key in sorted(metadata):
+        if key != "sha256":
+            digest.update(json.dumps([key, metadata[key]]).encode())
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        digest.update(json.dumps([key, str(t.dtype), list(t.shape)]).encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, without a copy
+    return digest.hexdigest()
+
+
+def _check_finite(path: Path, tensors: Mapping[str, torch.Tensor], prefix: str) -> None:
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise DataError(
+                f"{path}: {prefix}{key} holds NaN or infinite values (the training diverged); "
+                "use weights exported before that, or train again with a lower optim.lr"
+            )
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def split_state(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ import torch
 from medsyn.data import cache
 from medsyn.data.datamodule import BaseDataModule, SRDataModule, report_text, upsampled_crop
 from medsyn.data.grid import upsample
+from medsyn.data.resumable import ResumableSampler
 from medsyn.errors import ConfigError, DataError
 
 SPLIT = {"s0": "train", "s1": "train", "s2": "train", "s3": "train", "s4": "val", "s5": "test"}
@@ -130,3 +131,16 @@ def test_empty_split_and_bad_options(root: Path, tmp_path: Path):
     dm = BaseDataModule(tmp_path)
     dm.setup()
     assert dm.val_dataloader() == [] and len(dm.train_dataloader()) == 1
+
+
+def test_training_loader_starts_its_workers_at_the_first_batch(root: Path):
+    # with workers, a DataLoader draws sampler indices at iter(); Lightning sets the epoch after that
+    dm = BaseDataModule(root, batch_size=2, num_workers=1, seed=5)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    it = iter(loader)
+    loader.sampler.set_epoch(3)
+    expected = ResumableSampler(4, seed=5, batch_size=2)
+    expected.set_epoch(3)
+    rows = [r["id"] for r in cache.read_cache_manifest(root) if r["split"] == "train"]
+    assert [i for batch in it for i in batch["id"]] == [rows[i] for i, _ in expected]

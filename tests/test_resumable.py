@@ -64,3 +64,17 @@ def test_draw_ids_are_unique_within_and_across_epochs():
 def test_needs_a_sample():
     with pytest.raises(ValueError, match="at least one sample"):
         ResumableSampler(0)
+
+
+def test_consumed_is_asked_when_the_iteration_starts():
+    # Lightning settles which epoch a resumed run continues (and how far) only after it made the
+    # iterator: the sampler must ask then, not when it was built
+    done = {"samples": 6}
+    sampler = ResumableSampler(10, seed=2, consumed=lambda: done["samples"])
+    sampler.set_epoch(0)
+    it = iter(sampler)
+    sampler.set_epoch(1)  # a run stopped at epoch 0's last batch continues with epoch 1 ...
+    done["samples"] = 0  # ... from its start
+    assert list(it) == drawn(ResumableSampler(10, seed=2), 1)
+    done["samples"] = 4  # stopped mid-epoch: the rest of the epoch
+    assert drawn(sampler, 1) == drawn(ResumableSampler(10, seed=2), 1)[4:]

@@ -81,7 +81,8 @@ def test_sr_run_with_gradient_accumulation(assets, tmp_path):
     assert ckpt["global_step"] == 2
     assert "accumulate_grad_batches: 2" in (run_dir / "logs" / "version_0" / "hparams.yaml").read_text()
     # 3 batches per epoch: two accumulate into step 1, the epoch's last one makes step 2 on its own
-    assert ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] == 3
+    # (the checkpoint is taken at that batch's end: processed, not yet marked completed)
+    assert ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"] == 3
 
 
 def _net_state(path: Path) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,48 @@ def test_sha256_file_matches_hashlib(tmp_path):
     expected = hashlib.sha256(data).hexdigest()
     assert sha256_file(path) == expected  # one read
     assert sha256_file(path, chunk=4096) == expected  # two whole chunks and a partial one
+
+
+def test_checksum_catches_a_flipped_bit_in_tensors_or_metadata(tmp_path):
+    good = export_weights(tmp_path / "good.safetensors", state(), {"stage": "base", "note": "abcd"})
+    data = good.read_bytes()
+    tensors = bytearray(data)
+    tensors[-3] ^= 0x01  # the last tensor's bytes (a bit flip that still parses)
+    (tmp_path / "flip.safetensors").write_bytes(bytes(tensors))
+    with pytest.raises(DataError, match=r"flip.safetensors: damaged \(the sha256"):
+        load_weights(tmp_path / "flip.safetensors")
+    (tmp_path / "meta.safetensors").write_bytes(data.replace(b"abcd", b"abce", 1))  # a letter of the config
+    with pytest.raises(DataError, match=r"meta.safetensors: damaged"):
+        load_weights(tmp_path / "meta.safetensors")
+
+
+def test_files_written_before_the_checksum_still_load(tmp_path):
+    old = tmp_path / "old.safetensors"
+    tensors = {k: v.detach().contiguous() for k, v in state().items()}
+    save_file(tensors, str(old), metadata={"format": FORMAT, "stage": "base", "config": '{"stage": "base"}'})
+    loaded, config = load_weights(old)
+    assert config == {"stage": "base"} and torch.equal(loaded["text.null"], tensors["text.null"])
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
+    bad = state()
+    bad["net.conv.bias"] = torch.tensor([0.0, float("nan"), 1.0])
+    with pytest.raises(DataError, match=r"nan.safetensors: not written: net.conv.bias holds NaN"):
+        export_weights(tmp_path / "nan.safetensors", bad, {"stage": "base"})
+    assert list(tmp_path.iterdir()) == []
+    # as an earlier medsyn wrote a diverged run's weights (sampling gave all-zero volumes)
+    diverged = tmp_path / "diverged.safetensors"
+    tensors = {k: v.detach().contiguous() for k, v in bad.items()}
+    save_file(tensors, str(diverged), metadata={"format": FORMAT, "stage": "base", "config": "{}"})
+    with pytest.raises(DataError, match=r"diverged.safetensors: net.conv.bias holds NaN or infinite values"):
+        load_weights(diverged)
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640)])
+def test_weights_file_mode_follows_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        path = export_weights(tmp_path / "model.safetensors", state(), {"stage": "base"})
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == mode  # safetensors' save_file alone makes 0600

@@ -15,6 +15,7 @@ with `workers=True`).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 
 import lightning.pytorch as pl
 import numpy as np
@@ -128,6 +129,28 @@ def _split_key(key: int | tuple[int, int]) -> tuple[int, int | None]:
     return int(key), None
 
 
+class DeferredDataLoader(DataLoader):
+    """A DataLoader whose iteration starts at the first batch instead of at `iter()`.
+
+    Lightning calls `iter()` on the training loader before it restores an interrupted epoch's progress
+    and sets the sampler's epoch; with workers, a DataLoader asks its sampler for indices right at
+    `iter()`. Deferring that lets the sampler see the epoch and progress Lightning settled on.
+    """
+
+    def __iter__(self) -> Iterator:
+        return _Deferred(super().__iter__)
+
+
+class _Deferred(Iterator):
+    def __init__(self, start: Callable[[], Iterator]) -> None:
+        self._start, self._it = start, None
+
+    def __next__(self):
+        if self._it is None:
+            self._it = self._start()
+        return next(self._it)
+
+
 class CacheDataModule(pl.LightningDataModule):
     """Shared loading logic: manifest splits, seeded loaders; subclasses build the datasets."""
 
@@ -156,7 +179,7 @@ class CacheDataModule(pl.LightningDataModule):
         if shuffle:
             sampler = self._train_sampler(len(dataset))
             shuffle = False
-        return DataLoader(
+        return (DeferredDataLoader if sampler is not None else DataLoader)(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
@@ -170,14 +193,18 @@ class CacheDataModule(pl.LightningDataModule):
     def _train_sampler(self, n: int) -> ResumableSampler:
         """Order from (seed, epoch), split across ranks; after a mid-epoch resume, skip what was consumed."""
         trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = ResumableSampler(n, self.seed, rank, world, shuffle=True, batch_size=self.batch_size)
-        if trainer is not None:
-            sampler.set_epoch(trainer.current_epoch)
-            # batches the interrupted run processed in this epoch (a checkpoint written at a batch's end
-            # counts it as processed but not yet completed)
-            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            sampler.skip(done * self.batch_size)
+        if trainer is None:
+            return ResumableSampler(n, self.seed, shuffle=True, batch_size=self.batch_size)
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+
+        def consumed() -> int:
+            # asked when the epoch's first batch is fetched: by then Lightning has restored its loops and
+            # counts the batches of this epoch already trained as `ready` (0 in a new epoch)
+            return progress.current.ready * self.batch_size
+
+        sampler = ResumableSampler(n, self.seed, trainer.global_rank, trainer.world_size, shuffle=True,
+                                   batch_size=self.batch_size, consumed=consumed)  # fmt: skip
+        sampler.set_epoch(trainer.current_epoch)
         return sampler
 
     def train_dataloader(self):

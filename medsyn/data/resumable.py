@@ -2,21 +2,28 @@
 
 Lightning restarts a mid-epoch run with a fresh data iterator; this sampler skips the samples the
 interrupted run already consumed, so a resumed run sees exactly the batches an uninterrupted run
-would. It also splits the order across distributed ranks (the trainer runs with
-`use_distributed_sampler=False`) and yields `(index, draw)` keys: `draw` is unique per epoch and
-position, so random augmentations (e.g. SR crops) can be seeded by it and are reproducible too.
+would. What was consumed is asked (`consumed`) when an epoch's iteration starts, not when the sampler
+is made: only then has Lightning settled which epoch it continues (a run stopped at an epoch's last
+batch continues with the next epoch, from its start). It also splits the order across distributed
+ranks (the trainer runs with `use_distributed_sampler=False`) and yields `(index, draw)` keys: `draw`
+is unique per epoch and position, so random augmentations (e.g. SR crops) can be seeded by it and are
+reproducible too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import Sampler
 
 
 class ResumableSampler(Sampler[tuple[int, int]]):
-    """Per-epoch permutation from (seed, epoch); rank `rank` of `world_size` takes every world_size-th item."""
+    """Per-epoch permutation from (seed, epoch); rank `rank` of `world_size` takes every world_size-th item.
+
+    consumed: called when an iteration starts; returns how many of this rank's samples of the epoch
+    being started were already trained on (a resumed run), which are skipped.
+    """
 
     def __init__(
         self,
@@ -27,6 +34,7 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         shuffle: bool = True,
         batch_size: int = 1,
         drop_last: bool = True,
+        consumed: Callable[[], int] | None = None,
     ) -> None:
         if num_samples < 1:
             raise ValueError("ResumableSampler needs at least one sample")
@@ -34,6 +42,7 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         self.rank, self.world_size = rank, world_size
         self.batch_size, self.drop_last = batch_size, drop_last
         self.epoch = 0
+        self.consumed = consumed
         self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -63,7 +72,7 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         total = per_rank * self.world_size
         order = (order * (total // len(order) + 1))[:total]  # pad by wrapping around
         mine = order[self.rank : total : self.world_size]
-        start, self._skip = self._skip, 0
+        start, self._skip = max(self._skip, int(self.consumed()) if self.consumed is not None else 0), 0
         base = self.epoch * total
         for position in range(start, len(mine)):
             yield mine[position], base + position * self.world_size + self.rank

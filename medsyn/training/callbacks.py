@@ -109,7 +109,8 @@ def _tensors(module: torch.nn.Module):
 
 
 class SaveLastOnEnd(Callback):
-    """Save `checkpoints/last.ckpt` when fit ends between periodic checkpoints, so any run can be continued.
+    """Save `checkpoints/last.ckpt` when fit ends after a step no checkpoint holds (a stop that
+    `RunCheckpoints` did not see coming, e.g. early stopping), so any run can be continued.
 
     Must come before the EMA callback, whose `on_train_end` copies the averaged weights into the model.
     """
@@ -136,22 +137,28 @@ class ExportWeights(Callback):
     ) -> None:
         self.path = Path(run_dir) / WEIGHTS_FILE
         self.config, self.every_n_steps, self.ema = dict(config), every_n_steps, ema
-        self._last = -1
+        self.exported_step = -1
 
     @rank_zero_only
     def export(self, pl_module: DiffusionModule, step: int, denoiser: torch.nn.Module | None = None) -> None:
         export_weights(self.path, pl_module.exported_state(denoiser), {**self.config, "global_step": step})
+        self.exported_step = step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last:
-            self._last = step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self.exported_step:
             self.export(pl_module, step, self.ema.averaged() if self.ema is not None else None)
 
     def on_train_end(self, trainer, pl_module) -> None:
         # the EMA callback (earlier in the list) has copied the averaged weights into pl_module
-        if trainer.global_step != self._last:
+        if trainer.global_step != self.exported_step:
             self.export(pl_module, trainer.global_step)
+
+    def finish(self, trainer: pl.Trainer, pl_module: DiffusionModule) -> None:
+        """Export the final weights when fit ended without training (the checkpoint was already at
+        `max_steps`, e.g. after a kill between the last checkpoint and the last export)."""
+        if self.exported_step != trainer.global_step:
+            self.export(pl_module, trainer.global_step, self.ema.averaged() if self.ema is not None else None)
 
 
 class Throughput(Callback):

@@ -9,6 +9,7 @@ command line is an error naming the key and the valid ones.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -41,8 +42,8 @@ _COMMON: dict[str, Any] = {
     "stage": "base",
     "run_dir": "runs/base",
     "seed": 0,
-    "resume": "auto",  # auto: continue from run_dir/checkpoints/last.ckpt if present; never; or a path
-    "overwrite": False,  # allow a fresh run in a run_dir that already holds checkpoints
+    "resume": "auto",  # auto: continue from the newest readable checkpoint in run_dir; never; or a path
+    "overwrite": False,  # with resume=never: delete the checkpoints a run_dir holds and start afresh
     "model": {"preset": "base-700m"},  # UNet preset and/or constructor arguments (medsyn.nn.build)
     "diffusion": {"schedule": "cosine", "schedule_shift": 1.0, "parameterization": "x0"},  # build_denoiser
     "loss": {
@@ -61,7 +62,7 @@ _COMMON: dict[str, Any] = {
     "effective_batch_size": 64,  # batch_size x devices x nodes x gradient accumulation
     "optim": {"lr": 1.0e-4, "betas": [0.9, 0.999], "weight_decay": 0.0, "eps": 1.0e-8, "warmup_steps": 0},
     "ema": {"decay": 0.9999, "update_every_n_steps": 1, "update_starting_at_step": 0, "device": None},
-    "checkpoint": {"every_n_steps": 1000, "keep": 3},
+    "checkpoint": {"every_n_steps": 1000, "keep": 3},  # step checkpoints kept; last.ckpt is the newest
     "logger": {"kind": "wandb", "project": "medsyn", "name": None, "entity": None, "offline": None},
     "preview": {
         "every_n_steps": 1000,
@@ -164,6 +165,7 @@ def validate(cfg: DictConfig, where: str) -> None:
         "default_root_dir",
         "use_distributed_sampler",
         "accumulate_grad_batches",
+        "enable_checkpointing",
     }
     trainer_keys = [k for k in constructor_keys(pl.Trainer) if k not in reserved]
     check_keys(cfg.trainer, trainer_keys, f"{where}: trainer (Lightning Trainer arguments)")
@@ -177,11 +179,50 @@ def validate(cfg: DictConfig, where: str) -> None:
         value = cfg.data.batch_size if key == "batch_size" else cfg.effective_batch_size
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{where}: {key}={value!r}; expected a positive integer")
+    for key, minimum, what in _INTEGERS:
+        value = OmegaConf.select(cfg, key)
+        if value is None and key == "trainer.max_steps":
+            continue
+        if not _is_int(value) or value < minimum:
+            raise ConfigError(f"{where}: {key}={value!r}; expected {what}")
+    for key, low, low_open, what in _NUMBERS:
+        value = OmegaConf.select(cfg, key)
+        if not _is_number(value) or not math.isfinite(value) or value < low or (low_open and value == low):
+            raise ConfigError(f"{where}: {key}={value!r}; expected {what}")
+    betas = to_container(cfg.optim.betas)
+    if not (isinstance(betas, list) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
+        raise ConfigError(f"{where}: optim.betas={betas!r}; expected two numbers in [0, 1)")
     if str(cfg.resume) not in ("auto", "never") and not str(cfg.resume).endswith(".ckpt"):
         raise ConfigError(f"{where}: resume={cfg.resume!r}; expected auto, never or a path to a .ckpt file")
     decay = cfg.ema.decay
     if decay is not None and not 0.0 < float(decay) < 1.0:
         raise ConfigError(f"{where}: ema.decay={decay}; expected a number in (0, 1) or null to disable EMA")
+
+
+# (key, minimum, what is expected) of the integer settings medsyn reads itself
+_INTEGERS = (
+    ("seed", -(2**63), "an integer"),
+    ("data.num_workers", 0, "an integer >= 0 (0: load in the main process)"),
+    ("trainer.max_steps", -1, "an integer >= -1 (-1: no limit)"),
+    ("checkpoint.every_n_steps", 0, "an integer >= 0 (0: only where the fit stops)"),
+    ("checkpoint.keep", 1, "an integer >= 1 (how many step checkpoints to keep)"),
+    ("optim.warmup_steps", 0, "an integer >= 0"),
+    ("preview.every_n_steps", 0, "an integer >= 0 (0: no previews)"),
+)
+# (key, lower bound, whether the bound is excluded, what is expected) of number settings
+_NUMBERS = (
+    ("optim.lr", 0.0, True, "a number > 0, e.g. 1.0e-4"),
+    ("optim.weight_decay", 0.0, False, "a number >= 0"),
+    ("optim.eps", 0.0, True, "a number > 0, e.g. 1.0e-8"),
+)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def accumulation(effective_batch_size: int, batch_size: int, world_size: int) -> int:

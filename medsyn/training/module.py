@@ -9,7 +9,8 @@ The model (denoiser + conditioners) comes from the same builder generation uses
 
 All randomness of a training step (t, noise, condition dropout, low-resolution augmentation) comes
 from one generator per process whose state is saved in the checkpoint, so a resumed run reaches
-the same weights as an uninterrupted one.
+the same weights as an uninterrupted one. A resumed run trains with the `optim` settings it is given:
+where they differ from the checkpoint's, they replace the restored ones (and a line says so).
 """
 
 from __future__ import annotations
@@ -45,6 +46,30 @@ def build_optimizer(
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
+def apply_optim_settings(trainer: pl.Trainer, optim: Mapping[str, Any]) -> None:
+    """Set `optim`'s lr, betas, weight decay and eps on the trainer's restored optimizer and scheduler
+    (whose base learning rate the warm-up scales)."""
+    lr = float(optim.get("lr", 1e-4))
+    settings = {
+        "betas": tuple(float(b) for b in optim.get("betas", (0.9, 0.999))),
+        "weight_decay": float(optim.get("weight_decay", 0.0)),
+        "eps": float(optim.get("eps", 1e-8)),
+    }
+    for optimizer in trainer.optimizers:
+        for group in optimizer.param_groups:
+            group.update(settings, lr=lr)
+            if "initial_lr" in group or trainer.lr_scheduler_configs:
+                group["initial_lr"] = lr
+    for config in trainer.lr_scheduler_configs:
+        scheduler = config.scheduler
+        scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            groups = scheduler.optimizer.param_groups
+            for group, factor in zip(groups, scheduler.lr_lambdas, strict=True):
+                group["lr"] = lr * factor(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in groups]
+
+
 class DiffusionModule(pl.LightningModule):
     """Diffusion training of the model a run config describes.
 
@@ -62,6 +87,7 @@ class DiffusionModule(pl.LightningModule):
         self.seed = int(config.get("seed", 0))
         self._generator: torch.Generator | None = None
         self._pending_rng_state: torch.Tensor | None = None
+        self._restored_optim: dict | None = None  # the checkpoint's optim settings, when resumed
 
     # ---- parts -------------------------------------------------------------------------------
     @property
@@ -128,6 +154,23 @@ class DiffusionModule(pl.LightningModule):
         if state is not None:
             self._pending_rng_state = state
             self._generator = None
+        config = (checkpoint.get("hyper_parameters") or {}).get("config") or {}
+        self._restored_optim = dict(config.get("optim") or {})
+
+    def on_train_start(self) -> None:
+        # the optimizer and scheduler states are restored by now: apply optim settings changed on resume
+        restored, self._restored_optim = self._restored_optim, None
+        if restored is None:
+            return
+        changed = {k: v for k, v in self.optim_cfg.items() if restored.get(k) != v and k != "warmup_steps"}
+        if not changed:
+            return
+        apply_optim_settings(self.trainer, self.optim_cfg)
+        if self.trainer.is_global_zero:
+            what = ", ".join(
+                f"optim.{k}={v} (the checkpoint had {restored.get(k)})" for k, v in changed.items()
+            )
+            print(f"medsyn: resuming with {what}")
 
     def exported_state(self, denoiser: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
         """The weights inference needs (see `DiffusionModel.exported_state`)."""

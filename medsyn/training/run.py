@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from medsyn.config import to_container
 from medsyn.errors import ConfigError, DataError
 from medsyn.io import write_text
 from medsyn.training.callbacks import EMA, ExportWeights, Preview, SaveLastOnEnd, Throughput
+from medsyn.training.checkpoints import (
+    LAST,
+    RunCheckpointIO,
+    RunCheckpoints,
+    checkpoint_files,
+    make_latest,
+    newest_checkpoint,
+    remove_checkpoint,
+    remove_leftovers,
+    verify,
+)
 from medsyn.training.config import accumulation
 from medsyn.training.module import DiffusionModule
+from medsyn.weights import WEIGHTS_FILE
 
 CONFIG_FILE = "config.yaml"
 
@@ -85,23 +99,114 @@ def ensure_text_model(cfg: DictConfig, root: Path) -> None:
     build_tiny_bert(cfg.text.model, texts, **spec)
 
 
+def absolute_paths(cfg: DictConfig) -> DictConfig:
+    """`cfg` with its local paths made absolute: `run_dir`, `data.root`, `data.phantoms.out`, and
+    `text.model` when it names a local directory (or one `text_bootstrap` writes). The run's config.yaml
+    and weights then name what the run used, wherever they are read from."""
+    cfg = copy.deepcopy(cfg)
+    cfg.run_dir = _absolute(cfg.run_dir)
+    cfg.data.root = _absolute(cfg.data.root)
+    if cfg.data.get("phantoms") and cfg.data.phantoms.get("out"):
+        cfg.data.phantoms.out = _absolute(cfg.data.phantoms.out)
+    if cfg.get("text") is not None and cfg.text.get("model"):
+        model = str(cfg.text.model)
+        if Path(model).expanduser().exists() or cfg.get("text_bootstrap"):
+            cfg.text.model = _absolute(model)
+    return cfg
+
+
+def _absolute(path: str | os.PathLike) -> str:
+    return os.path.abspath(os.path.expanduser(str(path)))
+
+
 def resolve_resume(cfg: DictConfig) -> str | None:
-    """The checkpoint to resume from, per `resume` (auto / never / a path); refuses to clobber a run."""
+    """The checkpoint to resume from, per `resume` (auto / never / a path); refuses to clobber a run.
+
+    auto: the newest readable checkpoint of the run by global step (broken ones are passed over with a
+    line saying so); nothing is written here.
+    """
     ckpt_dir = Path(cfg.run_dir) / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
     resume = str(cfg.resume)
     if resume == "auto":
-        return str(last) if last.is_file() else None
+        found, problems = newest_checkpoint(ckpt_dir)
+        if found is None and problems:
+            raise DataError(
+                f"{ckpt_dir}: no readable checkpoint to continue from ({'; '.join(problems)}); move the broken "
+                "files away to start afresh, or set resume=never overwrite=true"
+            )
+        if problems and _rank_zero():
+            print(f"medsyn: {'; '.join(problems)}; resuming from {found} (step {verify(found)}) instead")
+        return None if found is None else str(found)
     if resume == "never":
-        if ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")) and not cfg.overwrite:
+        if checkpoint_files(ckpt_dir) and not cfg.overwrite:
             raise ConfigError(
                 f"run_dir={cfg.run_dir} already holds checkpoints; continue it with resume=auto, "
-                "or start afresh with overwrite=true (the old checkpoints are replaced as the run goes)"
+                "or start afresh with resume=never overwrite=true (which deletes them)"
             )
         return None
     if not Path(resume).is_file():
         raise ConfigError(f"resume={resume}: no such checkpoint file")
+    verify(resume)  # a DataError naming the file when it is damaged
     return resume
+
+
+def check_resumable(cfg: DictConfig, ckpt_path: str, module: DiffusionModule) -> None:
+    """Refuse settings a resumed run would not use: another stage, seed or model than its checkpoint's.
+    (optim settings may change: the module applies them.)"""
+    import torch
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)  # verified: data only
+    saved = (ckpt.get("hyper_parameters") or {}).get("config") or {}
+    how = (
+        "drop the change to continue this run, or train a new one (another run_dir, or resume=never "
+        "overwrite=true)"
+    )
+    for key, why in (
+        ("stage", "a run keeps its stage"),
+        ("seed", "its random state continues from the checkpoint"),
+    ):
+        if key in saved and saved[key] != cfg[key]:
+            raise ConfigError(
+                f"{key}={cfg[key]!r}: {ckpt_path} was trained with {key}={saved[key]!r} ({why}); {how}"
+            )
+    state, expected = ckpt.get("state_dict") or {}, module.state_dict()
+    differ = sorted(set(state) ^ set(expected)) or [
+        k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if differ:
+        raise ConfigError(
+            f"model={to_container(cfg.model)}: {ckpt_path} holds another model (first difference: {differ[0]}; "
+            f"it was trained with model={saved.get('model')}); {how}"
+        )
+
+
+def tidy_run_dir(run_dir: Path, cfg: DictConfig, ckpt_path: str | None) -> None:
+    """Before a run writes: remove the temporary files of a killed run; with resume=never overwrite=true
+    the earlier run's checkpoints and weights; else make `last.ckpt` the checkpoint resumed from and
+    remove the later ones it replaces and the step checkpoints beyond `checkpoint.keep`."""
+    ckpt_dir = run_dir / "checkpoints"
+    remove_leftovers(ckpt_dir)
+    for folder in (run_dir, run_dir / "previews"):  # atomic_path's temporary names: .NAME.XXXX.tmp.EXT
+        for tmp in folder.glob(".*.tmp*") if folder.is_dir() else []:
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+    if str(cfg.resume) == "never" and cfg.overwrite:
+        old = checkpoint_files(ckpt_dir) + [p for p in (run_dir / WEIGHTS_FILE,) if p.exists()]
+        for path in old:
+            remove_checkpoint(path)  # and its checksum record
+        if old:
+            print(f"medsyn: overwrite=true: deleted the earlier run's {', '.join(p.name for p in old)}")
+    elif ckpt_path is not None and Path(ckpt_path).parent.resolve() == ckpt_dir.resolve():
+        later = make_latest(ckpt_path, int(cfg.checkpoint.keep))
+        if later and str(cfg.resume) != "auto":  # (auto: only broken ones, already named)
+            names = ", ".join(p.name for p in later)
+            print(
+                f"medsyn: resume={ckpt_path}: removed this run's later checkpoints ({names}), which it replaces"
+            )
+
+
+def _rank_zero() -> bool:
+    return all(int(os.environ.get(k, "0")) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 def build_logger(cfg: DictConfig) -> Any:
@@ -161,50 +266,13 @@ _QUIET = (
     r".*dataloader is not resumable.*",  # ResumableSampler skips what an interrupted run consumed
     r".*module\(s\) in eval mode at the start of training.*",  # the frozen text encoder, on purpose
     r"Checkpoint directory .* exists and is not empty.*",  # resume=auto continues in the same run_dir
+    r".*callbacks used to create the checkpoint need to be provided.*",  # ModelCheckpoint's, in old runs
 )
 
 
-def train(cfg: DictConfig) -> Path:
-    """Run (or resume) the training job `cfg`; returns the run directory."""
-    for pattern in _QUIET:
-        warnings.filterwarnings("ignore", message=pattern)
-    run_dir = Path(cfg.run_dir)
-    ckpt_path = resolve_resume(cfg)
-    root = ensure_data(cfg)
-    ensure_text_model(cfg, root)
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    config = to_container(cfg)
-    module = DiffusionModule(config)
-    datamodule = build_datamodule(cfg, root)
-
-    ema = None
-    if cfg.ema.decay is not None:
-        ema = EMA(**config["ema"])
-    every = int(cfg.checkpoint.every_n_steps)
-    callbacks: list = [SaveLastOnEnd(run_dir / "checkpoints" / "last.ckpt")]
-    callbacks += [cb for cb in (ema,) if cb is not None]
-    callbacks += [
-        ExportWeights(run_dir, config, every, ema),
-        Throughput(),
-        ModelCheckpoint(
-            dirpath=run_dir / "checkpoints",
-            filename="step={step:07d}",
-            auto_insert_metric_name=False,
-            every_n_train_steps=every,
-            save_last=True,
-            save_top_k=int(cfg.checkpoint.keep),
-            monitor="step",
-            mode="max",
-        ),
-        TQDMProgressBar(refresh_rate=1),
-    ]
-    if cfg.preview.every_n_steps:
-        callbacks.append(
-            Preview(run_dir, **config["preview"], ema=ema, spacing=_cache_spacing(root, cfg.data.resolution))
-        )
-    logger = build_logger(cfg)
-    if logger:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
+def build_trainer(cfg: DictConfig, callbacks: list, logger: Any) -> pl.Trainer:
+    """Lightning's Trainer from the `trainer` section; settings Lightning refuses are a ConfigError."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     trainer_args = to_container(cfg.trainer)
     if trainer_args.get("strategy") == "ddp":
@@ -212,18 +280,76 @@ def train(cfg: DictConfig) -> Path:
 
         # gradients live in DDP's buckets instead of beside them: one gradient-sized buffer less per GPU
         trainer_args["strategy"] = DDPStrategy(gradient_as_bucket_view=True)
-    trainer = pl.Trainer(
-        **trainer_args,
-        default_root_dir=str(run_dir),
-        logger=logger,
-        callbacks=callbacks,
-        use_distributed_sampler=False,  # ResumableSampler splits across ranks itself
-        enable_checkpointing=True,
-    )
+    plugins = trainer_args.pop("plugins", None) or []
+    plugins = [
+        *(plugins if isinstance(plugins, list) else [plugins]),
+        RunCheckpointIO(int(cfg.checkpoint.keep)),
+    ]
+    try:
+        return pl.Trainer(
+            **trainer_args,
+            default_root_dir=str(cfg.run_dir),
+            logger=logger,
+            callbacks=callbacks,
+            plugins=plugins,
+            use_distributed_sampler=False,  # ResumableSampler splits across ranks itself
+            enable_checkpointing=True,
+        )
+    except (MisconfigurationException, ValueError, TypeError, ImportError) as err:
+        message = " ".join(str(err).split())
+        named = [k for k in cfg.trainer if f"{k}=" in message] or [
+            k for k in cfg.trainer if re.search(rf"\b{re.escape(k)}\b", message, re.IGNORECASE)
+        ]
+        where = f"trainer.{named[0]}={cfg.trainer[named[0]]!r}" if named else "trainer"
+        raise ConfigError(f"{where}: Lightning refuses it: {message}") from err
+
+
+def train(cfg: DictConfig) -> Path:
+    """Run (or resume) the training job `cfg`; returns the run directory.
+
+    Everything that can refuse the job (settings, checkpoints, data) does so before the run directory is
+    written to.
+    """
+    for pattern in _QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
+    cfg = absolute_paths(cfg)
+    run_dir = Path(cfg.run_dir)
+    ckpt_path = resolve_resume(cfg)
+    config = to_container(cfg)
+
+    ema = None
+    if cfg.ema.decay is not None:
+        ema = EMA(**config["ema"])
+    every = int(cfg.checkpoint.every_n_steps)
+    exporter = ExportWeights(run_dir, config, every, ema)
+    callbacks: list = [SaveLastOnEnd(run_dir / "checkpoints" / LAST)]
+    callbacks += [cb for cb in (ema,) if cb is not None]
+    callbacks += [exporter, Throughput(), RunCheckpoints(run_dir / "checkpoints", every)]
+    if cfg.trainer.get("enable_progress_bar", True) is not False:
+        callbacks.append(TQDMProgressBar(refresh_rate=1))
+    preview = None
+    if cfg.preview.every_n_steps:
+        preview = Preview(run_dir, **config["preview"], ema=ema)
+        callbacks.append(preview)
+    logger = build_logger(cfg)
+    if logger:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    trainer = build_trainer(cfg, callbacks, logger)
+
+    root = ensure_data(cfg)
+    ensure_text_model(cfg, root)
+    if preview is not None:
+        preview.spacing = _cache_spacing(root, cfg.data.resolution)
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    module = DiffusionModule(config)
+    datamodule = build_datamodule(cfg, root)
+    if ckpt_path is not None:
+        check_resumable(cfg, ckpt_path, module)
     trainer.accumulate_grad_batches = accumulation(
         int(cfg.effective_batch_size), int(cfg.data.batch_size), trainer.world_size
     )
     if trainer.is_global_zero:
+        tidy_run_dir(run_dir, cfg, ckpt_path)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg))
         if logger:
@@ -231,6 +357,7 @@ def train(cfg: DictConfig) -> Path:
                                     "accumulate_grad_batches": trainer.accumulate_grad_batches,
                                     "world_size": trainer.world_size})  # fmt: skip
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    exporter.finish(trainer, module)
     return run_dir
 
 
