@@ -20,6 +20,7 @@ from medsyn.config import check_keys, constructor_keys
 from medsyn.diffusion import Denoiser, build_denoiser
 from medsyn.errors import ConfigError
 from medsyn.nn.build import build_model
+from medsyn.weights import split_state
 
 # diffusion settings a conditioner may share with the denoiser (taken by name from `diffusion`)
 SHARED_DIFFUSION_KEYS = ("schedule", "schedule_shift")
@@ -89,9 +90,9 @@ class DiffusionModel(nn.Module):
 
     def load_exported_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load `exported_state` output (strict: a missing or unexpected key is an error)."""
-        self.denoiser.net.load_state_dict(_under(state, "net"))
+        self.denoiser.net.load_state_dict(split_state(state, "net"))
         for key, conditioner in self.conditioners.items():
-            conditioner.load_state_dict(_under(state, key))
+            conditioner.load_state_dict(split_state(state, key))
         known = ("net", *self.conditioners)
         stray = sorted({k.split(".", 1)[0] for k in state} - set(known))
         if stray:
@@ -105,11 +106,6 @@ class DiffusionModel(nn.Module):
                 out[f"{key}_trainable"] = sum(p.numel() for p in params if p.requires_grad)
                 out[f"{key}_frozen"] = sum(p.numel() for p in params if not p.requires_grad)
         return out
-
-
-def _under(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    p = prefix + "."
-    return {k[len(p) :]: v for k, v in state.items() if k.startswith(p)}
 
 
 def conditioner_keys(cls: type) -> list[str]:
