@@ -24,7 +24,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+    usual_mode(tmp_path)  # mkstemp makes 0600
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -42,7 +42,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the directory the usual permissions
+    usual_mode(tmp)  # mkdtemp makes 0700
     try:
         yield tmp
         if path.exists():
@@ -59,7 +59,7 @@ def make_temp_dir(parent: str | os.PathLike, prefix: str, marker: str | None = N
     """A new hidden-by-prefix temporary directory in `parent`, with the usual permissions; `marker`
     names an empty file created in it at once, so a later run can tell it was left unfinished."""
     tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+    usual_mode(tmp)
     if marker is not None:
         (tmp / marker).touch()
     return tmp
@@ -104,10 +104,12 @@ def locked_dir(path: str | os.PathLike) -> Iterator[None]:
         os.close(fd)
 
 
-def _umask() -> int:
+def usual_mode(path: str | os.PathLike) -> None:
+    """Give `path` the permissions a new file (0666) or directory (0777) gets under the user's umask;
+    for files made 0600/0700 by mkstemp, mkdtemp or libraries such as safetensors."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from medsyn.errors import DataError
-from medsyn.io import atomic_path
+from medsyn.io import atomic_path, usual_mode
 
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "medsyn-weights-1"
@@ -46,7 +46,7 @@ def export_weights(
     metadata["sha256"] = weights_digest(tensors, metadata)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())  # save_file makes a new file with mode 0600
+        usual_mode(tmp)  # save_file makes a new file with mode 0600
     return path
 
 
@@ -107,12 +107,6 @@ def _check_finite(path: Path, tensors: Mapping[str, torch.Tensor], prefix: str) 
                 f"{path}: {prefix}{key} holds NaN or infinite values (the training diverged); "
                 "use weights exported before that, or train again with a lower optim.lr"
             )
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def split_state(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

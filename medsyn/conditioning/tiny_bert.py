@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from medsyn.io import atomic_dir
+from medsyn.io import atomic_dir, usual_mode
 
 if TYPE_CHECKING:
     from transformers import BertModel, PreTrainedTokenizerBase
@@ -136,14 +136,7 @@ def build_tiny_bert(
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         save_tokenizer(tokenizer, tmp)
-        mode = 0o666 & ~_umask()
         for path in tmp.iterdir():  # safetensors writes model.safetensors with mode 0600
             if path.is_file():
-                os.chmod(path, mode)
+                usual_mode(path)
     return out_dir
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

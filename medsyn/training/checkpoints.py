@@ -31,6 +31,7 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from medsyn.errors import DataError
 from medsyn.io import atomic_path, write_json
+from medsyn.weights import sha256_file
 
 LAST = "last.ckpt"
 _STEP = re.compile(r"^step=(\d+)\.ckpt$")
@@ -142,14 +143,6 @@ def claimed_step(path: str | os.PathLike) -> int:
 _verified: dict[tuple, int] = {}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify(path: str | os.PathLike) -> int:
     """Check a checkpoint against its record (size and sha256; without a record: that it loads); returns
     its global step. Raises DataError naming the file and what is wrong."""
@@ -168,7 +161,7 @@ def verify(path: str | os.PathLike) -> int:
         if stat.st_size != int(record["bytes"]):
             raise DataError(f"{path}: truncated or damaged ({stat.st_size} bytes; {sidecar(path).name} "
                             f"records {record['bytes']})")  # fmt: skip
-        if _sha256(path) != record["sha256"]:
+        if sha256_file(path) != record["sha256"]:
             raise DataError(f"{path}: damaged (its sha256 differs from the one in {sidecar(path).name})")
         step = int(record["global_step"])
     _verified[key] = step
@@ -252,7 +245,7 @@ def make_latest(path: str | os.PathLike, keep: int) -> list[Path]:
 
 
 def _write_record(path: Path, step: int) -> None:
-    record = {"file": path.name, "sha256": _sha256(path), "bytes": path.stat().st_size, "global_step": step,
+    record = {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size, "global_step": step,
               "epoch": -1}  # fmt: skip
     write_json(sidecar(path), record)
 
