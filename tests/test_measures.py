@@ -1,0 +1,95 @@
+"""Clinical measures from the CT alone, against phantom truth at 2 mm (128^3) and 4 mm (64^3)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from medsyn.data.channels import LOBE_NAMES
+from medsyn.data.phantom import Lesion, PathologyParams, generate_phantom
+from medsyn.evaluation.measures import MEASURES, UNITS, measure_volume
+
+P = PathologyParams
+CASES = {
+    "normal": P(),
+    "small_left": P(effusion="small", effusion_side="left"),
+    "moderate_right_consolidation": P(effusion="moderate", effusion_side="right", consolidation=[5]),
+    "large_bilateral_cardiomegaly": P(effusion="large", effusion_side="bilateral", ctr=0.65),
+    "large_left_cardiomegaly": P(effusion="large", effusion_side="left", ctr=0.7),
+    "small_heart_consolidation": P(ctr=0.38, consolidation=[2]),
+}
+SIZES = (64, 128)
+
+
+def _check(truth: dict, m: dict) -> None:
+    for ours, theirs in (
+        ("effusion_ml", "effusion_ml"),
+        ("effusion_left_ml", "effusion_ml_left"),
+        ("effusion_right_ml", "effusion_ml_right"),
+    ):
+        assert abs(m[ours] - truth[theirs]) <= max(50.0, 0.15 * truth[theirs]), (ours, m[ours], truth[theirs])
+    assert abs(m["ctr"] - truth["ctr"]) <= 0.03, (m["ctr"], truth["ctr"])
+    assert abs(m["laa950_pct"] - truth["laa950_percent"]) <= 1.0
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("name", list(CASES))
+def test_measures_match_phantom_truth(size, name):
+    phantom = generate_phantom(size, seed=[11, 0], params=CASES[name])
+    _check(phantom.truth, measure_volume(phantom.ct, phantom.affine))
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_measures_on_sampled_phantoms(index):
+    phantom = generate_phantom(64, seed=[12, index])
+    if phantom.truth["params"]["emphysema_lobe"]:
+        pytest.skip("emphysema: see the laa test")
+    _check(phantom.truth, measure_volume(phantom.ct, phantom.affine))
+
+
+def test_effusion_sides_follow_world_x():
+    """A left effusion is measured on the patient's left (x < 0), whichever way the array runs."""
+    phantom = generate_phantom(64, seed=[11, 1], params=P(effusion="large", effusion_side="left"))
+    m = measure_volume(phantom.ct, phantom.affine)
+    assert m["effusion_left_ml"] > 100 and m["effusion_right_ml"] < 10
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = phantom.ct.shape[0] - 1
+    flipped = measure_volume(phantom.ct[::-1].copy(), phantom.affine @ flip)
+    assert flipped["effusion_left_ml"] == pytest.approx(m["effusion_left_ml"], rel=0.05)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_nodule_found_in_its_lobe(size):
+    phantom = generate_phantom(size, seed=[11, 2], params=P(lesions=[Lesion(3, 20.0)]))
+    truth = phantom.truth["lesions"][0]
+    m = measure_volume(phantom.ct, phantom.affine)
+    assert m["nodule_count"] == 1
+    found = m["nodules"][0]
+    assert found["lobe"] == 3 and found["lobe_name"] == LOBE_NAMES[3]
+    assert 0.5 * truth["volume_ml"] <= found["volume_ml"] <= 1.5 * truth["volume_ml"]
+    assert np.linalg.norm(np.subtract(found["center_mm"], truth["center_mm"])) < 6.0
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_no_nodules_without_lesions(size):
+    phantom = generate_phantom(size, seed=[11, 3], params=P(consolidation=[4], effusion="moderate"))
+    assert measure_volume(phantom.ct, phantom.affine)["nodule_count"] == 0
+
+
+def test_mask_keys_and_json():
+    phantom = generate_phantom(64, seed=[11, 4], params=P(effusion="small"))
+    plain = measure_volume(phantom.ct, phantom.affine)
+    assert not any(key.startswith("mask_") or key.endswith("_dice") for key in plain)
+    masks = {"lobes": phantom.lobes, "airway": phantom.airway, "vessels": phantom.vessels}
+    m = measure_volume(phantom.ct, phantom.affine, masks=masks)
+    assert m["lobe_lung_dice"] > 0.95 and m["vessel_dice"] > 0.6 and m["airway_dice"] > 0.5
+    assert m["mask_lung_ml"] == pytest.approx(phantom.truth["lung_volume_ml"], abs=1.0)
+    assert m["mask_lobe_ml"] == pytest.approx(phantom.truth["lobe_volume_ml"], abs=1.0)
+    only_lobes = measure_volume(phantom.ct, phantom.affine, masks={"lobes": phantom.lobes})
+    assert "lobe_lung_dice" in only_lobes and "airway_dice" not in only_lobes
+    assert json.loads(json.dumps(m)) == m
+    assert set(LOBE_NAMES.values()) == set(m["lobe_ml"])
+    assert set(MEASURES) <= set(m) | {k for k in UNITS if k.startswith("mask_") or k.endswith("_dice")}
+    assert set(MEASURES) <= set(UNITS)
