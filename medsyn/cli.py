@@ -18,6 +18,10 @@ COMMANDS: dict[str, str] = {
     "summary": "summary",
     "phantom": "phantom",
     "prepare": "prepare",
+    "evaluate": "evaluate",
+    "controllability": "controllability",
+    "vocab": "vocab",
+    "prompts": "prompts",
 }
 
 
