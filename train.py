@@ -1,4 +1,4 @@
-"""Train a medsyn model: `python train.py base|sr --config CONFIG.yaml [dotted.key=value ...]`."""
+"""Train a medsyn model: `python train.py base|sr|text --config CONFIG.yaml [dotted.key=value ...]`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Train the medsyn base (text-to-64^3) or SR (256^3) model.")
-    parser.add_argument("stage", choices=["base", "sr"], help="which model to train")
+    parser = argparse.ArgumentParser(
+        description="Train the medsyn base (text-to-64^3) or SR (256^3) model, or fine-tune the text encoder."
+    )
+    parser.add_argument("stage", choices=["base", "sr", "text"], help="which model to train")
     parser.add_argument("--config", help="run config YAML (defaults of the stage when omitted)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. trainer.max_steps=20")
     args = parser.parse_intermixed_args(argv)
@@ -17,9 +19,18 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         from medsyn.training.config import load_run_config
-        from medsyn.training.run import train
 
         cfg = load_run_config(args.stage, args.config, args.overrides)
+        if args.stage == "text":
+            from medsyn.training.text import train_text
+
+            run_dir = train_text(cfg)
+            print(
+                f"medsyn: run directory {run_dir} (config.yaml, checkpoints/last.ckpt, text_encoder/, metrics.json)"
+            )
+            return 0
+        from medsyn.training.run import train
+
         run_dir = train(cfg)
         print(f"medsyn: run directory {run_dir} (config.yaml, checkpoints/last.ckpt, model.safetensors)")
         return 0

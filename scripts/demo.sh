@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The whole pipeline on the built-in phantom data, on a CPU: install, phantoms + cache (made by the
-# first training command), base model (32^3), SR model (32^3 -> 128^3), then samples with masks and
-# previews in outputs/demo/. About 15 minutes on 2 cores. Re-running continues finished steps.
+# The whole pipeline on the built-in phantom data, on a CPU: install, a text encoder fine-tuned on
+# phantom reports, phantoms + cache (made by the base training command), base model (32^3), SR model
+# (32^3 -> 128^3), then samples with masks and previews in outputs/demo/. Re-running continues
+# finished steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet --disable-pip-version-check torch==2.13.0
 python -m pip install --quiet --disable-pip-version-check -e .
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline
+python train.py text --config configs/demo/text.yaml
 python train.py base --config configs/demo/base.yaml
 python train.py sr --config configs/demo/sr.yaml
 python sample.py --base runs/demo/base --sr runs/demo/sr --out outputs/demo --overwrite --seed 0 \

@@ -153,3 +153,13 @@ def test_overwrite_with_fewer_subjects_removes_the_old_ones(tmp_path):
     assert main(["phantom", "--n", "2", "--size", "16", "--out", str(out), "--workers", "2"]) == 0
     assert main(["phantom", "--n", "1", "--size", "16", "--out", str(out), "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["manifest.csv", "phantom_0000"]
+
+
+def test_phantom_report_without_the_volume(tmp_path):
+    from medsyn.data.phantom import phantom_report, write_reports
+    from medsyn.data.reports import read_reports
+
+    assert phantom_report([4, 2]).text() == generate_phantom(8, seed=[4, 2]).report.text()
+    rows = read_reports(write_reports(tmp_path / "reports.csv", 5, seed=4))
+    assert [r["id"] for r in rows] == [f"phantom_{i:04d}" for i in range(5)]
+    assert rows[2]["findings"] == phantom_report([4, 2]).findings

@@ -30,6 +30,47 @@ def _check_texts(texts: Iterable[str]) -> list[str]:
     return texts
 
 
+def wordpiece_vocabulary(texts: Iterable[str], vocab_size: int, min_frequency: int = 1) -> list[str]:
+    """A WordPiece vocabulary that is the same on every machine and in every process.
+
+    (The `tokenizers` WordPiece trainer breaks ties between equally frequent merges in hash-map order,
+    which differs per process, so two runs on one corpus disagree.) Here: the special tokens, every
+    character seen (alone and as a `##` continuation), then whole words by frequency (ties by spelling),
+    then the most frequent word endings as `##` pieces, up to `vocab_size`. Words outside the vocabulary
+    fall back to its pieces by WordPiece's greedy longest match.
+    """
+    from collections import Counter
+
+    from tokenizers import normalizers, pre_tokenizers
+
+    normalizer = normalizers.BertNormalizer(clean_text=True, lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words: Counter[str] = Counter()
+    for text in _check_texts(texts):
+        words.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for w in words for c in w})
+    vocab = [*SPECIAL_TOKENS, *chars, *(f"##{c}" for c in chars)]
+    if len(vocab) > vocab_size:
+        raise ValueError(
+            f"vocab_size={vocab_size} cannot hold the {len(vocab)} special tokens and characters of the corpus"
+        )
+    ranked = sorted(
+        ((n, w) for w, n in words.items() if n >= min_frequency and len(w) > 1), key=lambda t: (-t[0], t[1])
+    )
+    vocab += [w for _, w in ranked[: vocab_size - len(vocab)]]
+    if len(vocab) < vocab_size:  # room left: the endings of the words that did not fit
+        taken = set(vocab)
+        endings: Counter[str] = Counter()
+        for w, n in words.items():
+            if w not in taken:
+                for k in range(1, len(w) - 1):
+                    endings[f"##{w[k:]}"] += n
+        pieces = sorted(((n, p) for p, n in endings.items() if n >= min_frequency and p not in taken),
+                        key=lambda t: (-t[0], t[1]))  # fmt: skip
+        vocab += [p for _, p in pieces[: vocab_size - len(vocab)]]
+    return vocab
+
+
 def train_tokenizer(
     texts: Iterable[str],
     out_dir: str | os.PathLike | None = None,
@@ -37,23 +78,18 @@ def train_tokenizer(
     min_frequency: int = 1,
     model_max_length: int = 512,
 ) -> PreTrainedTokenizerBase:
-    """Train a lowercasing WordPiece BERT tokenizer on report texts; save it to `out_dir` if given.
-
-    The vocabulary holds [PAD] [UNK] [CLS] [SEP] [MASK] (ids 0-4), the characters seen and the most
-    frequent word pieces, up to `vocab_size` (fewer on a small corpus). Returns a `BertTokenizerFast`.
+    """A lowercasing WordPiece BERT tokenizer for report texts (see `wordpiece_vocabulary`); saved to
+    `out_dir` if given. Ids 0-4 are [PAD] [UNK] [CLS] [SEP] [MASK]. Returns a `BertTokenizerFast`.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizerFast
 
     if vocab_size <= len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size must exceed the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    vocab = wordpiece_vocabulary(texts, vocab_size, min_frequency)
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(clean_text=True, lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS)
-    )
-    tok.train_from_iterator(_check_texts(texts), trainer)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",

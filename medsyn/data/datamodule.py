@@ -63,7 +63,7 @@ class BaseDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        index, _ = _split_key(key)
+        index, _ = split_key(key)
         row = self.rows[index]
         lr = load_array(row["lr"])
         if self.size is not None and lr.shape[1:] != (self.size,) * 3:
@@ -102,7 +102,7 @@ class SRDataset(Dataset):
         return [int(rng.integers(0, n - self.crop + 1)) for n in shape]
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        index, draw = _split_key(key)
+        index, draw = split_key(key)
         row = self.rows[index]
         hr, lr = load_array(row["hr"]), load_array(row["lr"])
         if min(hr.shape[1:]) < self.crop:
@@ -122,7 +122,7 @@ class SRDataset(Dataset):
         }
 
 
-def _split_key(key: int | tuple[int, int]) -> tuple[int, int | None]:
+def split_key(key: int | tuple[int, int]) -> tuple[int, int | None]:
     """Dataset keys are an index, or `(index, draw)` from `ResumableSampler` (draw seeds augmentation)."""
     if isinstance(key, tuple):
         return int(key[0]), int(key[1])
@@ -153,6 +153,8 @@ class _Deferred(Iterator):
 
 class CacheDataModule(pl.LightningDataModule):
     """Shared loading logic: manifest splits, seeded loaders; subclasses build the datasets."""
+
+    collate_fn: Callable | None = None  # None: torch's default collation
 
     def __init__(
         self, root: str | os.PathLike, batch_size: int = 1, num_workers: int = 0, seed: int = 0
@@ -187,6 +189,7 @@ class CacheDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(self.seed),
             persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate_fn,
             drop_last=sampler is not None and len(dataset) >= self.batch_size,
         )
 

@@ -162,7 +162,8 @@ class ExportWeights(Callback):
 
 
 class Throughput(Callback):
-    """Log voxels per second of training (all ranks together) and seconds per step."""
+    """Log voxels (volume batches) or tokens (report batches) per second of training, all ranks
+    together, and seconds per step."""
 
     def __init__(self) -> None:
         self._start: float | None = None
@@ -174,8 +175,10 @@ class Throughput(Callback):
         if self._start is None:
             return
         elapsed = max(time.perf_counter() - self._start, 1e-9)
-        rate = voxels(batch["x"]) * trainer.world_size / elapsed
-        pl_module.log("train/voxels_per_sec", float(rate), batch_size=1)
+        unit, amount = (
+            ("voxels", voxels(batch["x"])) if "x" in batch else ("tokens", int(batch["attention_mask"].sum()))
+        )
+        pl_module.log(f"train/{unit}_per_sec", float(amount * trainer.world_size / elapsed), batch_size=1)
         pl_module.log("train/sec_per_batch", float(elapsed), batch_size=1)
 
 

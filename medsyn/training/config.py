@@ -1,4 +1,4 @@
-"""Run configuration for `train.py base|sr`: defaults per stage, YAML file, dotted overrides.
+"""Run configuration for `train.py base|sr|text`: defaults per stage, YAML file, dotted overrides.
 
 Each section holds the arguments of what it builds: `model` the UNet (a preset and/or its arguments),
 `diffusion` `build_denoiser`, `loss` `DiffusionLoss`, `optim` `build_optimizer`, a conditioner section
@@ -97,9 +97,6 @@ STAGES: dict[str, dict[str, Any]] = {
             "ucg_rate": 0.1,
             "null_kind": "zero",
         },
-        # when text.model is a local directory that does not exist yet, write a randomly initialised
-        # small BERT there with a tokenizer trained on the training reports (the CPU demo uses this)
-        "text_bootstrap": None,
     },
     "sr": {
         "model": {"preset": "sr-light"},
@@ -111,10 +108,54 @@ STAGES: dict[str, dict[str, Any]] = {
 }
 
 
+# `train.py text`: fine-tune a BERT-family encoder on the reports (masked language modelling of
+# `mlm_probability` of the tokens + paired Findings/Impression prediction); the run exports text_encoder/.
+TEXT_RUN: dict[str, Any] = {
+    "stage": "text",
+    "run_dir": "runs/text",
+    "seed": 0,
+    "resume": "auto",
+    "overwrite": False,
+    "model": {
+        "name": "microsoft/BiomedVLP-CXR-BERT-specialized",  # local directory or hub name; null: from scratch
+        "trust_remote_code": False,
+        # from scratch: a BertConfig of these sizes, with a WordPiece tokenizer trained on the reports
+        "scratch": {
+            "hidden_size": 256,
+            "num_layers": 4,
+            "num_heads": 4,
+            "intermediate_size": None,
+            "vocab_size": 4000,
+        },  # fmt: skip
+        "max_position_embeddings": None,  # more positions than the model has: extended, for long reports
+    },
+    "data": {
+        "root": "data/cache",  # a prepared cache, a phantom folder or any manifest.csv with findings/impression
+        "phantoms": None,  # {n, seed}: write the reports of n phantom subjects at data.root when it has none
+        "max_length": 192,  # tokens of Findings + Impression
+        "batch_size": 32,
+        "num_workers": 0,
+    },
+    "objective": {"mlm_probability": 0.15, "swap_probability": 0.5},
+    "effective_batch_size": 32,
+    "optim": {"lr": 5.0e-5, "betas": [0.9, 0.999], "weight_decay": 0.01, "eps": 1.0e-8, "warmup_steps": 100},
+    "checkpoint": {"every_n_steps": 500, "keep": 2},
+    "logger": _COMMON["logger"],
+    "trainer": {
+        **_COMMON["trainer"],
+        "max_steps": 5000,
+        "val_check_interval": 500,
+        "limit_val_batches": None,
+    },
+}
+
+
 def defaults(stage: str) -> dict[str, Any]:
-    """The default run config of a stage ("base" or "sr")."""
+    """The default run config of a stage ("base", "sr" or "text")."""
+    if stage == "text":
+        return to_container(OmegaConf.create(TEXT_RUN))
     if stage not in STAGES:
-        raise ConfigError(f"unknown stage '{stage}'; expected one of {', '.join(STAGES)}")
+        raise ConfigError(f"unknown stage '{stage}'; expected one of {', '.join([*STAGES, 'text'])}")
     merged = OmegaConf.merge(_COMMON, {"stage": stage, "run_dir": f"runs/{stage}"}, STAGES[stage])
     return to_container(merged)
 
@@ -133,23 +174,79 @@ def _upgraded(cfg: DictConfig, stage: str, where: str) -> DictConfig:
 def load_run_config(stage: str, path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> DictConfig:
     """Defaults of `stage`, then the YAML at `path`, then `dotted.key=value` overrides; all checked."""
     cfg = OmegaConf.create(defaults(stage))
-    open_keys = ["model", "text", "trainer", "data.phantoms", "ema.device", "text_bootstrap"]
+    open_keys = ["model", "text", "trainer", "data.phantoms", "ema.device"]
+    if stage == "text":
+        open_keys = ["model.scratch", "trainer", "data.phantoms"]
     if path is not None:
         file_cfg = load_yaml(path)
         if "stage" in file_cfg and file_cfg.stage != stage:
             raise ConfigError(
                 f"{path}: is a config for stage '{file_cfg.stage}', but 'train.py {stage}' was run"
             )
-        file_cfg = _upgraded(file_cfg, stage, str(path))
+        if "text_bootstrap" in file_cfg:
+            raise ConfigError(
+                f"{path}: text_bootstrap was replaced by `train.py text` (from scratch with model.name=null); "
+                "train an encoder with it and set text.model to its run's text_encoder/ (see configs/demo/)"
+            )
+        file_cfg = _upgraded(file_cfg, stage, str(path)) if stage != "text" else file_cfg
         cfg = merge_checked(cfg, file_cfg, str(path), open_keys)
-        if "model" in file_cfg:  # a model section in the file replaces the default preset wholesale
+        if (
+            "model" in file_cfg and stage != "text"
+        ):  # a model section in the file replaces the default preset wholesale
             cfg.model = file_cfg.model
     if overrides:
-        dotlist = _upgraded(parse_overrides(overrides), stage, "the command-line overrides")
+        dotlist = parse_overrides(overrides)
+        dotlist = _upgraded(dotlist, stage, "the command-line overrides") if stage != "text" else dotlist
         cfg = merge_checked(cfg, dotlist, "the command-line overrides", open_keys)
     where = str(path) if path else "the config"
-    validate(cfg, f"{where} with the command-line overrides" if overrides else where)
+    where = f"{where} with the command-line overrides" if overrides else where
+    (validate_text if stage == "text" else validate)(cfg, where)
     return cfg
+
+
+def validate_text(cfg: DictConfig, where: str) -> None:
+    """Check a `train.py text` config: the scratch sizes, the objective's rates, the usual numbers."""
+    from medsyn.conditioning.tiny_bert import tiny_bert_config
+
+    scratch = to_container(cfg.model.scratch)
+    allowed = {"hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size"}
+    check_keys(scratch, sorted(allowed), f"{where}: model.scratch")
+    try:
+        tiny_bert_config(**scratch)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: model.scratch: {err}") from err
+    _check_trainer(cfg, where)
+    for key in ("objective.mlm_probability", "objective.swap_probability"):
+        value = OmegaConf.select(cfg, key)
+        if not _is_number(value) or not 0.0 < value < 1.0:
+            raise ConfigError(f"{where}: {key}={value!r}; expected a number in (0, 1)")
+    for key, minimum, what in (*_INTEGERS[:5], ("optim.warmup_steps", 0, "an integer >= 0"),
+                               ("data.max_length", 8, "an integer >= 8 (tokens)"),
+                               ("data.batch_size", 1, "a positive integer"),
+                               ("effective_batch_size", 1, "a positive integer")):  # fmt: skip
+        value = OmegaConf.select(cfg, key)
+        if value is None and key == "trainer.max_steps":
+            continue
+        if not _is_int(value) or value < minimum:
+            raise ConfigError(f"{where}: {key}={value!r}; expected {what}")
+    positions = cfg.model.max_position_embeddings
+    if positions is not None and (not _is_int(positions) or positions < cfg.data.max_length):
+        raise ConfigError(f"{where}: model.max_position_embeddings={positions!r}; expected null or an integer "
+                          f">= data.max_length ({cfg.data.max_length})")  # fmt: skip
+    for key, low, low_open, what in _NUMBERS:
+        value = OmegaConf.select(cfg, key)
+        if not _is_number(value) or not math.isfinite(value) or value < low or (low_open and value == low):
+            raise ConfigError(f"{where}: {key}={value!r}; expected {what}")
+    if str(cfg.resume) not in ("auto", "never") and not str(cfg.resume).endswith(".ckpt"):
+        raise ConfigError(f"{where}: resume={cfg.resume!r}; expected auto, never or a path to a .ckpt file")
+
+
+def _check_trainer(cfg: DictConfig, where: str) -> None:
+    """The trainer section holds Lightning Trainer arguments, less those medsyn sets itself."""
+    reserved = {"callbacks", "logger", "default_root_dir", "use_distributed_sampler", "accumulate_grad_batches",
+                "enable_checkpointing"}  # fmt: skip
+    trainer_keys = [k for k in constructor_keys(pl.Trainer) if k not in reserved]
+    check_keys(cfg.trainer, trainer_keys, f"{where}: trainer (Lightning Trainer arguments)")
 
 
 def validate(cfg: DictConfig, where: str) -> None:
@@ -158,17 +255,7 @@ def validate(cfg: DictConfig, where: str) -> None:
     for key, cls in CONDITIONERS.items():
         if key in cfg and cfg[key] is not None:
             check_keys(cfg[key], conditioner_keys(cls), f"{where}: {key}")
-    # these Trainer arguments are set by medsyn itself (callbacks, logger, run directory, accumulation)
-    reserved = {
-        "callbacks",
-        "logger",
-        "default_root_dir",
-        "use_distributed_sampler",
-        "accumulate_grad_batches",
-        "enable_checkpointing",
-    }
-    trainer_keys = [k for k in constructor_keys(pl.Trainer) if k not in reserved]
-    check_keys(cfg.trainer, trainer_keys, f"{where}: trainer (Lightning Trainer arguments)")
+    _check_trainer(cfg, where)
     if cfg.data.text not in TEXT_MODES:
         raise ConfigError(f"{where}: data.text={cfg.data.text!r}; expected one of {', '.join(TEXT_MODES)}")
     if cfg.data.resolution not in RESOLUTIONS:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from medsyn.config import to_container
 from medsyn.errors import ConfigError, DataError
 from medsyn.io import write_text
+from medsyn.tracking import wandb_offline
 from medsyn.training.callbacks import EMA, ExportWeights, Preview, SaveLastOnEnd, Throughput
 from medsyn.training.checkpoints import (
     LAST,
@@ -76,33 +77,10 @@ def ensure_data(cfg: DictConfig) -> Path:
     return root
 
 
-def ensure_text_model(cfg: DictConfig, root: Path) -> None:
-    """Write the small BERT that `text_bootstrap` asks for, when `text.model` does not exist yet."""
-    spec = cfg.get("text_bootstrap")
-    if not spec or cfg.get("text") is None or Path(cfg.text.model).exists():
-        return
-    from medsyn.conditioning import build_tiny_bert
-    from medsyn.data.cache import read_cache_manifest
-    from medsyn.data.datamodule import report_text
-
-    spec = to_container(spec)
-    allowed = {"hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size", "seed"}
-    unknown = set(spec) - allowed
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) {sorted(unknown)} in text_bootstrap; valid keys: {', '.join(sorted(allowed))}"
-        )
-    texts = [report_text(r, cfg.data.text) for r in read_cache_manifest(root) if r["split"] == "train"]
-    print(
-        f"medsyn: writing a small randomly initialised BERT with a tokenizer of the reports to {cfg.text.model}"
-    )
-    build_tiny_bert(cfg.text.model, texts, **spec)
-
-
 def absolute_paths(cfg: DictConfig) -> DictConfig:
     """`cfg` with its local paths made absolute: `run_dir`, `data.root`, `data.phantoms.out`, and
-    `text.model` when it names a local directory (or one `text_bootstrap` writes). The run's config.yaml
-    and weights then name what the run used, wherever they are read from."""
+    `text.model` when it names a local directory. The run's config.yaml and weights then name what the
+    run used, wherever they are read from."""
     cfg = copy.deepcopy(cfg)
     cfg.run_dir = _absolute(cfg.run_dir)
     cfg.data.root = _absolute(cfg.data.root)
@@ -110,7 +88,7 @@ def absolute_paths(cfg: DictConfig) -> DictConfig:
         cfg.data.phantoms.out = _absolute(cfg.data.phantoms.out)
     if cfg.get("text") is not None and cfg.text.get("model"):
         model = str(cfg.text.model)
-        if Path(model).expanduser().exists() or cfg.get("text_bootstrap"):
+        if Path(model).expanduser().exists():
             cfg.text.model = _absolute(model)
     return cfg
 
@@ -228,10 +206,7 @@ def build_logger(cfg: DictConfig) -> Any:
 
         offline = cfg.logger.offline
         if offline is None:
-            offline = (
-                not (os.environ.get("WANDB_API_KEY") or _wandb_logged_in())
-                or os.environ.get("WANDB_MODE") == "offline"
-            )
+            offline = wandb_offline()
         return WandbLogger(
             project=cfg.logger.project,
             name=cfg.logger.name or run_dir.name,
@@ -240,11 +215,6 @@ def build_logger(cfg: DictConfig) -> Any:
             offline=bool(offline),
         )
     raise ConfigError(f"logger.kind={kind!r}; expected wandb, csv, tensorboard or none")
-
-
-def _wandb_logged_in() -> bool:
-    netrc = Path.home() / ".netrc"
-    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
 def build_datamodule(cfg: DictConfig, root: Path) -> pl.LightningDataModule:
@@ -262,7 +232,7 @@ def build_datamodule(cfg: DictConfig, root: Path) -> pl.LightningDataModule:
 
 
 # Lightning warnings that do not apply to a medsyn run
-_QUIET = (
+QUIET_WARNINGS = (
     r".*dataloader is not resumable.*",  # ResumableSampler skips what an interrupted run consumed
     r".*module\(s\) in eval mode at the start of training.*",  # the frozen text encoder, on purpose
     r"Checkpoint directory .* exists and is not empty.*",  # resume=auto continues in the same run_dir
@@ -310,7 +280,7 @@ def train(cfg: DictConfig) -> Path:
     Everything that can refuse the job (settings, checkpoints, data) does so before the run directory is
     written to.
     """
-    for pattern in _QUIET:
+    for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     cfg = absolute_paths(cfg)
     run_dir = Path(cfg.run_dir)
@@ -337,7 +307,6 @@ def train(cfg: DictConfig) -> Path:
     trainer = build_trainer(cfg, callbacks, logger)
 
     root = ensure_data(cfg)
-    ensure_text_model(cfg, root)
     if preview is not None:
         preview.spacing = _cache_spacing(root, cfg.data.resolution)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)

@@ -6,7 +6,14 @@ pathology set by parameters (pleural effusion, cardiomegaly, emphysema and bulla
 masses, consolidation, ground glass) that its report describes and its truth measures.
 """
 
-from medsyn.data.phantom.dataset import Phantom, generate_phantom, save_phantom, write_dataset
+from medsyn.data.phantom.dataset import (
+    Phantom,
+    generate_phantom,
+    phantom_report,
+    save_phantom,
+    write_dataset,
+    write_reports,
+)
 from medsyn.data.phantom.pathology import Lesion, PathologyParams, sample_pathology
 from medsyn.data.phantom.report import Report, write_report
 
@@ -16,8 +23,10 @@ __all__ = [
     "Phantom",
     "Report",
     "generate_phantom",
+    "phantom_report",
     "sample_pathology",
     "save_phantom",
     "write_dataset",
     "write_report",
+    "write_reports",
 ]

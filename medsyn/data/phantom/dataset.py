@@ -117,6 +117,33 @@ def generate_phantom(
     )
 
 
+def phantom_report(seed: int | list[int]) -> Report:
+    """The report of the phantom `generate_phantom(..., seed=seed)` makes, without drawing its volume
+    (the same random streams), for text models that need reports only."""
+    _, pathology_rng, report_rng, _ = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4)
+    )
+    return write_report(sample_pathology(pathology_rng), report_rng)
+
+
+def write_reports(path: str | os.PathLike, n: int, seed: int = 0) -> Path:
+    """A CSV (id, findings, impression) of the reports of the `n` phantoms `write_dataset(..., seed=seed)`
+    would write; seconds for thousands of subjects."""
+    path = Path(path)
+    if n < 1:
+        raise MedsynError(f"n={n}: expected at least one report")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["id", "findings", "impression"])
+        writer.writeheader()
+        for i in range(n):
+            report = phantom_report([seed, i])
+            writer.writerow(
+                {"id": f"phantom_{i:04d}", "findings": report.findings, "impression": report.impression}
+            )
+    return path
+
+
 def save_phantom(directory: str | os.PathLike, phantom: Phantom) -> None:
     """Write one phantom's files into `directory` (NIfTI volumes, report.txt, truth.json)."""
     directory = Path(directory)
