@@ -121,3 +121,9 @@ def test_cli_end_to_end_and_one_line_errors(data, tmp_path, capsys):
     assert main(["evaluate", "--samples", str(data["samples"]), "--real", str(data["real"]), "--out",
                  str(tmp_path / "y"), "--features", str(tmp_path / "missing.pth")]) == 2  # fmt: skip
     assert "missing.pth" in capsys.readouterr().err
+
+
+def test_workers_give_the_same_metrics(data, evaluation):
+    options = EvaluateOptions(feature_size=32, slices_per_plane=4, workers=2, progress=False)
+    result = evaluate(data["samples"], data["real"], data["train"], options, log=lambda _: None)
+    assert json.dumps(result.metrics, sort_keys=True) == json.dumps(evaluation.metrics, sort_keys=True)

@@ -271,9 +271,7 @@ def evaluate(
     from medsyn.data.segment import get_backend
 
     get_backend(options.backend)  # an unknown backend or bad weights fail here, before any volume is read
-    extractor = features_lib.build_feature_extractor(
-        options.features, options.features_2d, device=options.device
-    )
+    extractor = build_extractor(options)
     info = {"label_3d": extractor.label_3d, "label_2d": extractor.label_2d,
             "trained_3d": extractor.trained_3d, "trained_2d": extractor.trained_2d}  # fmt: skip
     items = collect(sources)
