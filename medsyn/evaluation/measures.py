@@ -10,7 +10,8 @@ backends do not give (pleural fluid, heart, inner thoracic outline, nodules) com
   divided by the transverse extent of the inner thoracic outline (lungs plus pleural fluid) on that same
   slice.
 - laa950_pct [III]: %LAA-950, 100 x the fraction of lung parenchyma voxels (lungs without the airway
-  lumen) below -950 HU.
+  lumen) below -950 HU. The lumen is the re-segmented airway less its leaks into emphysema and bullae
+  (`medsyn.evaluation.airway`); the leaks count as lung. airway_leak_mm3 is the volume of those leaks.
 - lung_ml, lobe_ml, airway_mm3, vessel_mm3 [I]: volumes of the re-segmented lungs, lobes, airway lumen and
   pulmonary vessels.
 - nodules, nodule_count, nodule_ml: compact solid lesions in the lungs (see `thorax.nodules`; lesions
@@ -31,6 +32,7 @@ from scipy import ndimage
 from medsyn.data.channels import LOBE_NAMES
 from medsyn.data.segment import Segmenter, dice, get_backend, segment
 from medsyn.evaluation import thorax
+from medsyn.evaluation.airway import airway_lumen
 
 MEASURES: tuple[str, ...] = (
     "effusion_ml",
@@ -40,6 +42,7 @@ MEASURES: tuple[str, ...] = (
     "laa950_pct",
     "lung_ml",
     "airway_mm3",
+    "airway_leak_mm3",
     "vessel_mm3",
     "nodule_count",
     "nodule_ml",
@@ -59,6 +62,7 @@ UNITS: dict[str, tuple[str, str]] = {
     "lung_ml": ("lung volume (re-segmented)", "mL"),
     "lobe_ml": ("lobe volumes (re-segmented)", "mL"),
     "airway_mm3": ("airway lumen volume (re-segmented)", "mm3"),
+    "airway_leak_mm3": ("re-segmented airway grown into low-attenuation lung (lung for %LAA-950)", "mm3"),
     "vessel_mm3": ("pulmonary vessel volume (re-segmented)", "mm3"),
     "nodules": ("solid nodules and masses in the lungs", "list"),
     "nodule_count": ("number of solid nodules and masses", "count"),
@@ -133,7 +137,8 @@ def measure_volume(
     heart = thorax.heart(hu, spacing, thorax.slice_hull(contents), fluid)
     heart_width, level = thorax.max_width(heart)
     thorax_width = thorax.width_at(contents | heart, level)
-    parenchyma = lungs & ~airway
+    lumen = airway_lumen(hu, airway, spacing)
+    parenchyma = (lungs | airway) & ~lumen  # leaks of the grown airway are lung the lung mask left out
     found = [_nodule_record(m, lobes, affine, voxel_ml) for m in thorax.nodules(hu, spacing, lungs)]
 
     out: dict = {
@@ -145,6 +150,7 @@ def measure_volume(
         "lung_ml": round(float(lungs.sum()) * voxel_ml, 2),
         "lobe_ml": _lobe_ml(lobes, voxel_ml),
         "airway_mm3": round(float(airway.sum()) * voxel_mm3, 1),
+        "airway_leak_mm3": round(float((airway & ~lumen).sum()) * voxel_mm3, 1),
         "vessel_mm3": round(float(vessels.sum()) * voxel_mm3, 1),
         "nodules": found,
         "nodule_count": len(found),
