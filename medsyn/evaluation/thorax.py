@@ -8,6 +8,8 @@ processing (HU windows, masked smoothing, morphology; no learned models).
   liver, spleen, heart and chest-wall muscle by density, from the CSF and other fluid by lung contact.
 - `pleural_contents`: the lungs plus pleural fluid; its transverse extent on an axial level is the inner
   thoracic width (lungs fill the bony thorax laterally, fluid replaces them where present).
+- `slice_hull`: per axial slice, the convex hull of the pleural contents: the inner thoracic outline, with
+  the mediastinum in it.
 - `heart`: the largest blood-density blob inside the thorax after a morphological opening that cuts off
   the great vessels (aorta, pulmonary trunk) and pulmonary vessels.
 - `nodules`: compact solid lesions in the lungs, told from vessels by an opening and a ball-likeness test.
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
 
 _CONN = ndimage.generate_binary_structure(3, 1)
 
@@ -38,7 +41,8 @@ class ThoraxParams:
     blood_range: tuple[float, float] = (37.0, 51.0)  # blood (about 40-45 HU), between spleen and liver
     blood_sigma_mm: float = 5.0
     heart_open_mm: float = 10.0  # wider than the SVC and pulmonary arteries, narrower than the heart
-    heart_regrow_mm: float = 2.0  # take back corners the opening cut off (not whole vessels)
+    heart_margin_mm: float = 8.0  # the opening also sees blood this far outside the outline, then is clipped
+    heart_edge_neighbours: int = 3  # tissue with this many blood face neighbours is blood (noisy border)
     thorax_window_mm: float = 20.0  # the thorax around the heart: pleural contents within this height
     solid_hu: float = -150.0  # nodules and vessels are soft tissue in aerated lung
     nodule_open_mm: tuple[float, ...] = (2.5, 4.0, 6.0, 8.0)  # opening radii tried (at least one voxel)
@@ -111,14 +115,35 @@ def pleural_contents(lungs: np.ndarray, fluid: np.ndarray) -> np.ndarray:
 
 
 def slice_hull(mask: np.ndarray) -> np.ndarray:
-    """Per axial slice and row (fixed y), the voxels between the first and last `mask` voxel along x."""
-    out = np.zeros_like(mask)
+    """Per axial slice, the convex hull of the `mask` voxels (bool, same shape).
+
+    From the pleural contents this is the inner thoracic outline with the mediastinum: the heart's front,
+    where a large heart pushes the lungs aside, is inside it too.
+    """
+    out = np.zeros(mask.shape, bool)
     for k in np.flatnonzero(mask.any(axis=(0, 1))):
-        m = mask[:, :, k]
-        for j in np.flatnonzero(m.any(axis=0)):
-            x = np.flatnonzero(m[:, j])
-            out[x[0] : x[-1] + 1, j, k] = True
+        out[:, :, k] = _convex_fill(mask[:, :, k])
     return out
+
+
+def _convex_fill(m: np.ndarray) -> np.ndarray:
+    """The voxels of a 2-D grid inside the convex hull of the True voxels of `m` (X, Y)."""
+    rows = np.flatnonzero(m.any(axis=0))
+    first = np.argmax(m[:, rows], axis=0)
+    last = m.shape[0] - 1 - np.argmax(m[::-1, rows], axis=0)
+    points = np.concatenate([np.stack([first, rows], 1), np.stack([last, rows], 1)]).astype(float)
+    try:
+        equations = ConvexHull(points).equations  # (F, 3): a x + b y + c <= 0 inside
+    except QhullError:  # a line or a point: its own extent per row
+        out = np.zeros_like(m)
+        for j, lo, hi in zip(rows, first, last, strict=True):
+            out[lo : hi + 1, j] = True
+        return out
+    x, y = np.arange(m.shape[0], dtype=float), np.arange(m.shape[1], dtype=float)
+    inside = np.ones(m.shape, bool)
+    for a, b, c in equations:
+        inside &= a * x[:, None] + b * y[None, :] + c <= 1e-6
+    return inside
 
 
 def _ball_open(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:
@@ -137,27 +162,43 @@ def heart(
     params: ThoraxParams | None = None,
 ) -> np.ndarray:
     """The heart: the largest blood-density blob inside `thorax` (per-slice hull of the pleural contents);
-    `fluid` (pleural) is left out of the averaging so that it does not darken the heart's border."""
+    `fluid` (pleural) is left out of the averaging so that it does not darken the heart's border.
+
+    The opening that cuts off the great and pulmonary vessels runs on blood up to `heart_margin_mm`
+    outside the outline, so that a large heart reaching the chest wall is not cut into thin wedges that
+    the opening would drop, and is clipped to the outline afterwards (the chest wall has blood density).
+    Nothing is regrown after the opening: a regrowth takes in the vessels along the heart's border.
+    """
     params = params or ThoraxParams()
     window = 1 + 2 * int(round(params.thorax_window_mm / spacing[2]))
     thorax = ndimage.maximum_filter1d(thorax, window, axis=2)  # the heart may push the lungs aside
-    box = ndimage.find_objects(thorax.astype(np.uint8))
     out = np.zeros(hu.shape, bool)
-    if not box:
+    if not thorax.any():
         return out
-    box = box[0]
+    near = ndimage.distance_transform_edt(~thorax, sampling=spacing) <= params.heart_margin_mm
+    box = ndimage.find_objects(near.astype(np.uint8))[0]
     mean = water_mean(hu[box], spacing, params, params.blood_sigma_mm, fluid[box])
     lo, hi = params.blood_range
-    blood = ndimage.binary_fill_holes((mean >= lo) & (mean <= hi) & thorax[box])
-    opened = _ball_open(blood, params.heart_open_mm, spacing)
+    blood = ndimage.binary_fill_holes((mean >= lo) & (mean <= hi) & near[box])
+    tissue = (hu[box] > params.water_range[0]) & (hu[box] < params.water_range[1]) & near[box] & ~fluid[box]
+    blood = _close_border(blood, tissue, params.heart_edge_neighbours)
+    opened = _ball_open(blood, params.heart_open_mm, spacing) & thorax[box]
     labels, n = ndimage.label(opened, structure=_CONN)
     if n == 0:
         return out
     sizes = np.bincount(labels.ravel())[1:]
-    core = labels == 1 + int(np.argmax(sizes))
-    steps = max(1, int(round(params.heart_regrow_mm / float(spacing.min()))))
-    out[box] = ndimage.binary_dilation(core, _CONN, iterations=steps, mask=blood) if steps else core
+    out[box] = labels == 1 + int(np.argmax(sizes))
     return out
+
+
+def _close_border(blood: np.ndarray, tissue: np.ndarray, neighbours: int, steps: int = 2) -> np.ndarray:
+    """`blood` with the `tissue` voxels that have at least `neighbours` blood face neighbours added, twice:
+    border voxels averaged over few neighbours fall out of the blood window by noise alone."""
+    cross = _CONN.astype(np.uint8)
+    for _ in range(steps):
+        count = ndimage.convolve(blood.astype(np.uint8), cross, mode="constant")
+        blood = blood | (tissue & (count >= neighbours))
+    return blood
 
 
 def max_width(mask: np.ndarray) -> tuple[int, int]:
