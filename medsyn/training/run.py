@@ -274,6 +274,24 @@ def build_trainer(cfg: DictConfig, callbacks: list, logger: Any) -> pl.Trainer:
         raise ConfigError(f"{where}: Lightning refuses it: {message}") from err
 
 
+def start_run(
+    cfg: DictConfig, trainer: pl.Trainer, module: pl.LightningModule, ckpt_path: str | None
+) -> None:
+    """The last checks and writes before `fit`, for every stage: a resumed checkpoint must match the run,
+    gradient accumulation reaches `effective_batch_size`, and (rank zero) the run directory is tidied and
+    gets its config.yaml."""
+    if ckpt_path is not None:
+        check_resumable(cfg, ckpt_path, module)
+    trainer.accumulate_grad_batches = accumulation(
+        int(cfg.effective_batch_size), int(cfg.data.batch_size), trainer.world_size
+    )
+    if trainer.is_global_zero:
+        run_dir = Path(cfg.run_dir)
+        tidy_run_dir(run_dir, cfg, ckpt_path)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg))
+
+
 def train(cfg: DictConfig) -> Path:
     """Run (or resume) the training job `cfg`; returns the run directory.
 
@@ -312,15 +330,8 @@ def train(cfg: DictConfig) -> Path:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     module = DiffusionModule(config)
     datamodule = build_datamodule(cfg, root)
-    if ckpt_path is not None:
-        check_resumable(cfg, ckpt_path, module)
-    trainer.accumulate_grad_batches = accumulation(
-        int(cfg.effective_batch_size), int(cfg.data.batch_size), trainer.world_size
-    )
+    start_run(cfg, trainer, module, ckpt_path)
     if trainer.is_global_zero:
-        tidy_run_dir(run_dir, cfg, ckpt_path)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg))
         if logger:
             logger.log_hyperparams({**config, "parameters": module.count_parameters(),
                                     "accumulate_grad_batches": trainer.accumulate_grad_batches,

@@ -23,10 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from medsyn.config import to_container
 from medsyn.errors import ConfigError, DataError
-from medsyn.io import atomic_dir, usual_mode, write_json, write_text
+from medsyn.io import atomic_dir, usual_mode, write_json
 from medsyn.training.callbacks import SaveLastOnEnd, Throughput
 from medsyn.training.checkpoints import LAST, RunCheckpoints
-from medsyn.training.config import accumulation
 from medsyn.training.module import build_optimizer
 
 TOKENIZER_DIR, ENCODER_DIR, METRICS_FILE = "tokenizer", "text_encoder", "metrics.json"
@@ -218,14 +217,12 @@ def train_text(cfg: DictConfig) -> Path:
     """Run (or resume) `train.py text`; returns the run directory with text_encoder/ and metrics.json."""
     from medsyn.data.reports import ReportDataModule, read_reports
     from medsyn.training.run import (
-        CONFIG_FILE,
         QUIET_WARNINGS,
         absolute_paths,
         build_logger,
         build_trainer,
-        check_resumable,
         resolve_resume,
-        tidy_run_dir,
+        start_run,
     )
 
     for pattern in QUIET_WARNINGS:
@@ -256,15 +253,7 @@ def train_text(cfg: DictConfig) -> Path:
     datamodule = ReportDataModule(root, tokenizer, int(cfg.data.batch_size), int(cfg.data.num_workers),
                                   int(cfg.seed), int(cfg.data.max_length), **config["objective"])  # fmt: skip
     datamodule.setup()
-    if ckpt_path is not None:
-        check_resumable(cfg, ckpt_path, module)
-    trainer.accumulate_grad_batches = accumulation(
-        int(cfg.effective_batch_size), int(cfg.data.batch_size), trainer.world_size
-    )
-    if trainer.is_global_zero:
-        tidy_run_dir(run_dir, cfg, ckpt_path)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg))
+    start_run(cfg, trainer, module, ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if trainer.is_global_zero:
         split = datamodule.held_out_split()
