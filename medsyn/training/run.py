@@ -274,6 +274,15 @@ def build_trainer(cfg: DictConfig, callbacks: list, logger: Any) -> pl.Trainer:
         raise ConfigError(f"{where}: Lightning refuses it: {message}") from err
 
 
+def open_run(cfg: DictConfig) -> tuple[DictConfig, str | None]:
+    """For every stage: silence Lightning warnings that do not apply, make the config's paths absolute and
+    find the checkpoint to resume from (nothing is written yet). Returns (config, checkpoint or None)."""
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    cfg = absolute_paths(cfg)
+    return cfg, resolve_resume(cfg)
+
+
 def start_run(
     cfg: DictConfig, trainer: pl.Trainer, module: pl.LightningModule, ckpt_path: str | None
 ) -> None:
@@ -298,12 +307,8 @@ def train(cfg: DictConfig) -> Path:
     Everything that can refuse the job (settings, checkpoints, data) does so before the run directory is
     written to.
     """
-    for pattern in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
-    cfg = absolute_paths(cfg)
-    run_dir = Path(cfg.run_dir)
-    ckpt_path = resolve_resume(cfg)
-    config = to_container(cfg)
+    cfg, ckpt_path = open_run(cfg)
+    run_dir, config = Path(cfg.run_dir), to_container(cfg)
 
     ema = None
     if cfg.ema.decay is not None:

@@ -217,20 +217,14 @@ def train_text(cfg: DictConfig) -> Path:
     """Run (or resume) `train.py text`; returns the run directory with text_encoder/ and metrics.json."""
     from medsyn.data.reports import ReportDataModule, read_reports
     from medsyn.training.run import (
-        QUIET_WARNINGS,
-        absolute_paths,
         build_logger,
         build_trainer,
-        resolve_resume,
+        open_run,
         start_run,
     )
 
-    for pattern in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
-    cfg = absolute_paths(cfg)
-    run_dir = Path(cfg.run_dir)
-    ckpt_path = resolve_resume(cfg)
-    config = to_container(cfg)
+    cfg, ckpt_path = open_run(cfg)
+    run_dir, config = Path(cfg.run_dir), to_container(cfg)
     root = Path(cfg.data.root)
     if not (root.is_file() or (root / "manifest.csv").is_file()):
         root = ensure_reports(cfg)
