@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import pickle
 import re
 import warnings
 from dataclasses import dataclass
@@ -71,6 +72,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             obj = load_file(str(path))
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message advises weights_only=False: never, for shared weights
+        raise ConfigError(
+            f"{path}: not a tensor-only weights file (it holds other Python objects or is no torch file); "
+            "expected a MedicalNet .pth/.pt state dict or .safetensors"
+        ) from None
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ConfigError(f"{path}: cannot read weights ({type(e).__name__}: {first[:200]})") from None
