@@ -38,6 +38,9 @@ class ThoraxParams:
     fluid_min_ml: float = 2.0
     airway_wall_mm: float = 4.0
     lung_contact_hu: float = -200.0  # aerated lung and compressive atelectasis next to the fluid
+    # lung contact (voxels) per fluid voxel, per mm of voxel size: a fluid layer touches lung over its whole
+    # extent, so contact / volume in voxels goes as voxel size / thickness (0.005: layers up to 200 mm)
+    lung_contact_per_mm: float = 0.005
     blood_range: tuple[float, float] = (37.0, 51.0)  # blood (about 40-45 HU), between spleen and liver
     blood_sigma_mm: float = 5.0
     heart_open_mm: float = 10.0  # wider than the SVC and pulmonary arteries, narrower than the heart
@@ -93,9 +96,6 @@ def pleural_fluid(
     params = params or ThoraxParams()
     mean = water_mean(hu, spacing, params, params.water_sigma_mm)
     candidate = mean < params.fluid_max_hu  # NaN compares False
-    if airway.any():
-        wall = max(params.airway_wall_mm, 1.01 * float(spacing.max()))
-        candidate &= ndimage.distance_transform_edt(~airway, sampling=spacing) > wall
     labels, n = ndimage.label(candidate, structure=_CONN)
     if n == 0:
         return candidate
@@ -103,9 +103,22 @@ def pleural_fluid(
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     contact = np.bincount(labels[lung_side].ravel(), minlength=n + 1)
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    keep = (sizes * voxel_ml >= params.fluid_min_ml) & (contact >= np.maximum(5, 0.02 * sizes))
+    voxel_mm = float(np.prod(spacing)) ** (1.0 / 3.0)
+    keep = (sizes * voxel_ml >= params.fluid_min_ml) & (
+        contact >= np.maximum(5, params.lung_contact_per_mm * voxel_mm * sizes)
+    )
     keep[0] = False
-    return keep[labels]
+    fluid = keep[labels]
+    if airway.any():  # the bronchial wall is water-dense and touches lung: never fluid (judged after the
+        # contact test, since bronchi cut off by an effusion end at its surface, where its lung contact is)
+        wall = max(params.airway_wall_mm, 1.01 * float(spacing.max()))
+        fluid &= ndimage.distance_transform_edt(~airway, sampling=spacing) > wall
+        labels, n = ndimage.label(fluid, structure=_CONN)
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        big = sizes * voxel_ml >= params.fluid_min_ml
+        big[0] = False
+        fluid = big[labels]
+    return fluid
 
 
 def pleural_contents(lungs: np.ndarray, fluid: np.ndarray) -> np.ndarray:
