@@ -117,7 +117,7 @@ _AIRWAY = "The central airways are patent."
 _NORMAL_IMPRESSION = "No acute cardiopulmonary abnormality."
 
 
-def phantom_report(impression: str | None = None, **findings: str) -> str:
+def report_with(impression: str | None = None, **findings: str) -> str:
     """A report text (Findings then Impression, as the models are conditioned) normal except `findings`."""
     unknown = set(findings) - set(_NORMAL)
     if unknown:
@@ -126,33 +126,33 @@ def phantom_report(impression: str | None = None, **findings: str) -> str:
     return " ".join([*sentences, _AIRWAY, impression or _NORMAL_IMPRESSION])
 
 
-NORMAL_REPORT = phantom_report()
+NORMAL_REPORT = report_with()
 
 DEFAULT_PAIRS: tuple[PromptPair, ...] = (
     PromptPair(
         "pleural_effusion", NORMAL_REPORT,
-        phantom_report("Large bilateral pleural effusions.", effusion="There are large bilateral pleural effusions."),
+        report_with("Large bilateral pleural effusions.", effusion="There are large bilateral pleural effusions."),
         (Measure("effusion_ml"),),
     ),
     PromptPair(
-        "cardiomegaly", NORMAL_REPORT, phantom_report("Cardiomegaly.", heart="There is moderate cardiomegaly."),
+        "cardiomegaly", NORMAL_REPORT, report_with("Cardiomegaly.", heart="There is moderate cardiomegaly."),
         (Measure("ctr"),),
     ),
     PromptPair(
         "bullous_emphysema", NORMAL_REPORT,
-        phantom_report("Bullous emphysema.", emphysema="Severe centrilobular emphysema in the right upper lobe. "
+        report_with("Bullous emphysema.", emphysema="Severe centrilobular emphysema in the right upper lobe. "
                        "Several bullae in the right upper lobe."),
         (Measure("laa950_pct"),),
     ),
     PromptPair(
         "effusion_side",
-        phantom_report("Large left pleural effusion.", effusion="There is a large left pleural effusion."),
-        phantom_report("Large right pleural effusion.", effusion="There is a large right pleural effusion."),
+        report_with("Large left pleural effusion.", effusion="There is a large left pleural effusion."),
+        report_with("Large right pleural effusion.", effusion="There is a large right pleural effusion."),
         (Measure("effusion_left_ml", "less"), Measure("effusion_right_ml", "greater")),
     ),
     PromptPair(
         "nodule_right_upper", NORMAL_REPORT,
-        phantom_report("Pulmonary nodule. Follow-up recommended.",
+        report_with("Pulmonary nodule. Follow-up recommended.",
                        lesions="There is a 2.0 cm nodule in the right upper lobe."),
         (Measure("nodule_count_right_upper"), Measure("nodule_ml_right_upper")),
     ),
