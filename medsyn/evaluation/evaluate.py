@@ -37,7 +37,6 @@ TRUTH_KEYS = {
     "laa950_percent": "laa950_pct",
     "lung_volume_ml": "lung_ml",
 }
-MONTAGE_SIZE = 16  # sample previews in montage.png
 
 
 @dataclass
@@ -62,6 +61,7 @@ class Evaluation:
 
     metrics: dict[str, Any]
     audit: audit_lib.AuditResult
+    samples: dict[str, VolumeRef]  # id -> where each evaluated sample lives (its preview, for the montage)
 
 
 @dataclass
@@ -344,4 +344,4 @@ def evaluate(
             "slices_per_plane": options.slices_per_plane,
         },
     }
-    return Evaluation(metrics, result_audit)
+    return Evaluation(metrics, result_audit, {k: refs["samples"][k] for k in samples_out})

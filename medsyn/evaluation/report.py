@@ -22,7 +22,7 @@ from medsyn.errors import DataError
 from medsyn.evaluation.audit import plot_audit
 from medsyn.evaluation.evaluate import Evaluation
 from medsyn.evaluation.measures import UNITS
-from medsyn.evaluation.volumes import find_volumes, load_volume
+from medsyn.evaluation.volumes import load_volume
 from medsyn.io import atomic_path, write_json, write_text
 from medsyn.tracking import wandb_offline
 from medsyn.viz import preview_grid, render_preview, save_png
@@ -261,16 +261,13 @@ def plot_measures(metrics: dict, path: str | os.PathLike) -> None:
         fig.savefig(tmp, format="png")
 
 
-def plot_montage(metrics: dict, path: str | os.PathLike, size: int = MONTAGE_SIZE) -> None:
+def plot_montage(evaluation: Evaluation, path: str | os.PathLike, size: int = MONTAGE_SIZE) -> None:
     """Previews of the first `size` samples (sample.py's preview.png, or rendered from the volume)."""
     import matplotlib.image
 
     images, captions = [], []
-    refs = {r.source: r for r in find_volumes(metrics["inputs"]["samples"])}
-    for key, sample in list(metrics["samples"].items())[:size]:
-        ref = refs.get(sample["source"])
-        if ref is None:
-            continue
+    for key, sample in list(evaluation.metrics["samples"].items())[:size]:
+        ref = evaluation.samples[key]
         if ref.preview is not None:
             image = (matplotlib.image.imread(ref.preview)[..., :3] * 255).astype(np.uint8)
         else:
@@ -333,7 +330,7 @@ def write_outputs(
     out.mkdir(parents=True, exist_ok=True)
     plots = ["measures.png", "montage.png", "audit.png"]
     plot_measures(metrics, out / "measures.png")
-    plot_montage(metrics, out / "montage.png")
+    plot_montage(evaluation, out / "montage.png")
     plot_audit(evaluation.audit, out / "audit.png")
     plots = [p for p in plots if (out / p).is_file()]
     write_json(out / "metrics.json", metrics)
