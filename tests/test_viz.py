@@ -1,4 +1,4 @@
-"""Tests for medsyn.viz: shapes, radiological orientation, overlays, grid tiling, PNG output."""
+"""Tests for medsyn.viz: shapes, radiological orientation, chosen planes, outlines, grid tiling, PNG output."""
 
 from __future__ import annotations
 
@@ -8,7 +8,18 @@ import torch
 from matplotlib.image import imread
 
 from medsyn.data.channels import encode_volume
-from medsyn.viz import LOBE_COLORS, _rgb, preview_grid, render_preview, render_volume, save_png
+from medsyn.data.phantom.dataset import generate_phantom
+from medsyn.data.phantom.pathology import PathologyParams
+from medsyn.viz import (
+    AXIAL_LEVELS,
+    LOBE_COLORS,
+    _rgb,
+    choose_slices,
+    preview_grid,
+    render_preview,
+    render_volume,
+    save_png,
+)
 
 N = 16
 
@@ -37,12 +48,13 @@ def test_shape_dtype_and_deterministic_size():
 
 def test_radiological_orientation():
     """A marker at the patient's left (low i in RAS), anterior, superior corner."""
-    white = render_preview(np.full((N, N, N), 600.0), {"airway": np.zeros((N, N, N))})
+    at = (2, N - 3, N - 3)
+    white = render_preview(np.full((N, N, N), 600.0), {"airway": np.zeros((N, N, N))}, slices=at)
     boxes = _panels(white)
-    assert len(boxes) == 6
+    assert len(boxes) == 6  # one axial level given: axial, coronal, sagittal in two rows
     ct = np.full((N, N, N), 600.0)
     ct[: N // 4, -N // 4 :, -N // 4 :] = -1024  # dark marker: left, anterior, superior
-    img = render_preview(ct, {"airway": np.zeros((N, N, N))}, slices=(2, N - 3, N - 3))
+    img = render_preview(ct, {"airway": np.zeros((N, N, N))}, slices=at)
     dark = (img < 60).all(-1)
     # expected quadrants (top?, left?): axial top-right, coronal top-right, sagittal top-left
     for (r0, r1, c0, c1), (top, left) in zip(
@@ -62,7 +74,7 @@ def test_overlays_change_pixels_only_where_masks_are():
     marked["vessels"][: N // 4, -N // 4 :, -N // 4 :] = 1
     at = (2, N - 3, N - 3)
     base, img = render_preview(ct, empty, slices=at), render_preview(ct, marked, slices=at)
-    boxes = _panels(render_preview(np.full((N, N, N), 600.0), empty))
+    boxes = _panels(render_preview(np.full((N, N, N), 600.0), empty, slices=at))
     changed = (base != img).any(-1)
     assert changed.any()
     r0 = boxes[3][0]
@@ -71,6 +83,67 @@ def test_overlays_change_pixels_only_where_masks_are():
         rr, cc = np.nonzero(changed[b0:b1, c0:c1])
         assert rr.max() < (b1 - b0) / 2 + 2
         assert (cc < (c1 - c0) / 2).all() == left
+
+
+@pytest.fixture(scope="module")
+def effusion():
+    """A phantom with a large right pleural effusion, and the fluid: lung of the same body without it."""
+    sick = generate_phantom(size=64, seed=3, params=PathologyParams(effusion="large", effusion_side="right"))
+    healthy = generate_phantom(size=64, seed=3, params=PathologyParams(effusion="none"))
+    return sick, (healthy.lobes > 0) & (sick.lobes == 0)
+
+
+@pytest.mark.parametrize("with_masks", [True, False])
+def test_axial_levels_show_the_effusion(effusion, with_masks):
+    sick, fluid = effusion
+    masks = (sick.lobes, sick.vessels) if with_masks else ()
+    i, j, ks = choose_slices(sick.ct, *masks)
+    area = fluid.sum((0, 1))  # (K,) fluid voxels per axial level
+    assert len(ks) == 3 and ks[0] > ks[1] > ks[2]  # superior first
+    assert area[ks[2]] >= 0.8 * area.max() > 0  # the lower level is at the effusion's bulk
+    assert area[sick.ct.shape[2] // 2] < 0.6 * area.max()  # which the middle level is not
+    at_fluid = fluid[..., ks[2]] & (sick.ct[..., ks[2]] > -20) & (sick.ct[..., ks[2]] < 60)
+    assert at_fluid[sick.ct.shape[0] // 2 :].sum() > 50  # fluid-density voxels in the right hemithorax
+    assert (sick.lobes[i] >= 3).any() and not (sick.lobes[i] == 1).any()  # sagittal: the right lung
+    assert (sick.lobes[:, j] > 0).sum() > 0.5 * (sick.lobes > 0).sum((0, 2)).max()  # coronal: through both
+
+
+def test_render_uses_chosen_slices_and_explicit_slices_win(effusion):
+    sick, _ = effusion
+    masks = {"lobes": sick.lobes, "airway": sick.airway, "vessels": sick.vessels}
+    at = choose_slices(sick.ct, sick.lobes, sick.vessels)
+    img = render_preview(sick.ct, masks, spacing=sick.affine)
+    np.testing.assert_array_equal(img, render_preview(sick.ct, masks, spacing=sick.affine, slices=at))
+    np.testing.assert_array_equal(img, render_volume(encode_volume({"ct": sick.ct, **masks}), sick.affine))
+    two = render_preview(sick.ct, masks, slices=(None, None, (40, 20)))
+    assert (
+        len(_panels(render_preview(np.full((64,) * 3, 600.0), {"a": sick.airway}, slices=(0, 0, (40, 20)))))
+        == 8
+    )
+    assert two.shape[0] == img.shape[0] and two.shape[1] < img.shape[1]
+    with pytest.raises(ValueError, match="out of range"):
+        render_preview(sick.ct, slices=(None, None, 64))
+
+
+def test_no_lungs_falls_back_to_fractions_of_the_volume():
+    i, j, ks = choose_slices(np.full((N, N, 2 * N), 40.0))
+    assert (i, j) == (N // 2, N // 2)
+    assert ks == tuple(round(f * (2 * N - 1)) for f in AXIAL_LEVELS)
+
+
+def test_outlines_leave_the_ct_readable(effusion):
+    """Overlay panels change few pixels (thin outlines, no fill), though the lungs fill much of them."""
+    sick, _ = effusion
+    masks = {"lobes": sick.lobes, "airway": sick.airway, "vessels": sick.vessels}
+    img = render_preview(sick.ct, masks)
+    at = choose_slices(sick.ct, sick.lobes, sick.vessels)
+    boxes = _panels(render_preview(np.full(sick.ct.shape, 600.0), {"a": sick.airway}, slices=at))
+    assert len(boxes) == 10
+    for (r0, r1, c0, c1), (s0, s1, d0, d1) in zip(boxes[:5], boxes[5:], strict=True):
+        ct, overlay = img[r0:r1, c0:c1], img[s0:s1, d0:d1]
+        lungs = ((ct > 5) & (ct < 60)).all(-1).mean()  # lung parenchyma is dark grey in the full window
+        changed = (ct != overlay).any(-1).mean()
+        assert 0.002 < changed < min(0.1, 0.5 * lungs), (changed, lungs)
 
 
 def test_lobe_colours_distinct():
