@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_sample import FAST, SIZE, make_runs, one_thread, run_sample  # noqa: F401 (autouse fixture)
 
-from medsyn.data.channels import CHANNELS, decode_volume
+from medsyn.data.channels import CHANNELS, LOBE_LEVELS, decode_volume
 from medsyn.data.nifti import save_nifti, spacing_affine
 from medsyn.diffusion import HoldFixed, build_schedule, sample, time_grid
 from medsyn.errors import DataError
@@ -29,6 +29,14 @@ HR_AFFINE = spacing_affine(SPACING, (SIZE,) * 3)
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     out = make_runs(root)
+    out["base_run"], out["sr_run"] = load_run(out["base"]), load_run(out["sr"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def bits_runs(tmp_path_factory):
+    """Runs whose networks denoise the lobes as three analog bits."""
+    out = make_runs(tmp_path_factory.mktemp("bits_runs"), lobe_encoding="bits")
     out["base_run"], out["sr_run"] = load_run(out["base"]), load_run(out["sr"])
     return out
 
@@ -68,6 +76,21 @@ def test_each_fixed_channel_comes_back_unchanged(runs, name, with_sr):
     assert any(not np.array_equal(out[c], vols[c]) for c in free)  # the others are generated
 
 
+@pytest.mark.parametrize("name", ["lobes", "vessels"])
+@pytest.mark.parametrize("with_sr", [False, True])
+def test_fixed_channels_come_back_unchanged_from_bits_runs(bits_runs, name, with_sr):
+    base, sr = bits_runs["base_run"], bits_runs["sr_run"] if with_sr else None
+    assert base.model.out_channels == 6 and base.model.lobe_encoding == "bits"
+    grid = sr.grid if with_sr else base.grid
+    vols = volumes(grid.shape[0], seed=7)
+    fixed = load_fixed({name: _saved(bits_runs, vols, name, grid)}, grid, base.hr_grid, base.factor)
+    x = synthesize(base, sr, ["Normal."], [0], SampleOptions(steps=2, sr_steps=2), fixed)
+    assert x.shape == (1, 4, *grid.shape)  # the four volume channels, lobes as levels
+    out = decode_volume(x[0].numpy())
+    np.testing.assert_array_equal(out[name], vols[name])
+    assert np.isin(x[0, 1].numpy(), LOBE_LEVELS).all()  # bits come back as the levels of valid codes
+
+
 def _saved(runs, vols, name, grid):
     path = runs["cache"].parent / f"{name}_{grid.shape[0]}.nii.gz"
     save_nifti(path, vols[name], grid.affine, dtype=vols[name].dtype)
@@ -95,8 +118,11 @@ def test_hr_file_is_downsampled_like_the_cache_for_the_base_stage(runs):
     path = runs["cache"].parent / "hr_lobes.nii.gz"
     save_nifti(path, vols["lobes"], HR_AFFINE, dtype=np.uint8)
     fixed = load_fixed({"lobes": path}, base.grid, base.hr_grid, base.factor)
-    np.testing.assert_array_equal(fixed.values["lobes"], vols["lobes"][::4, ::4, ::4])
-    assert "every 4th voxel" in fixed.sources["lobes"]["grid"]
+    n = SIZE // 4
+    blocks = vols["lobes"].reshape(n, 4, n, 4, n, 4).transpose(0, 2, 4, 1, 3, 5).reshape(n, n, n, 64)
+    majority = np.apply_along_axis(lambda b: np.bincount(b, minlength=6).argmax(), -1, blocks)  # ties: lower
+    np.testing.assert_array_equal(fixed.values["lobes"], majority)
+    assert "4^3 block" in fixed.sources["lobes"]["grid"]
 
 
 def test_scan_at_its_own_spacing_is_brought_onto_the_grid(runs, tmp_path):

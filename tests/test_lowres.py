@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from medsyn.conditioning import LowResConditioner
+from medsyn.data.channels import decode_lobes, encode_lobe_bits
 from medsyn.diffusion import build_schedule
 from medsyn.errors import ConfigError
 
@@ -47,7 +48,18 @@ def test_levels_outside_training_are_refused():
         cond(lowres(), level=-0.1)
     with pytest.raises(ConfigError, match="upsample"):
         LowResConditioner(upsample="cubic")
-    assert cond.unconditional({}) is None and cond.unet_arguments() == {"augment_embedding": True}
+    assert cond.unconditional({}) is None
+    assert cond.unet_arguments() == {"augment_embedding": True, "in_channels": 8}  # 4 noisy + 4 concatenated
+
+
+def test_bits_runs_concatenate_the_bits_of_the_nearest_lobe_labels():
+    cond = LowResConditioner(noise_max=0.2, noise_sample=0.1, lobe_encoding="bits")
+    x = lowres()  # lobes: any value in [-1, 1], e.g. trilinear upsampled levels
+    out = cond(x, generator=torch.Generator().manual_seed(0))
+    assert out["concat"].shape == (3, 6, 4, 4, 4) and cond.unet_arguments()["in_channels"] == 12
+    net = torch.cat([x[:, :1], encode_lobe_bits(decode_lobes(x[:, 1]), dim=1), x[:, 2:]], 1)
+    noise = torch.randn(net.shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out["concat"], build_schedule("cosine").add_noise(net, out["aug_t"], noise))
 
 
 @pytest.mark.parametrize("mode", ["nearest", "trilinear"])

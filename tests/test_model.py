@@ -10,7 +10,7 @@ from training_fixtures import make_text_model
 from medsyn.conditioning import LowResConditioner, TextConditioner
 from medsyn.config import to_container
 from medsyn.errors import ConfigError
-from medsyn.generation.model import build_diffusion_model, legacy_keys, upgrade_config
+from medsyn.generation.model import DiffusionModel, build_diffusion_model, legacy_keys, upgrade_config
 from medsyn.training.config import load_run_config
 
 
@@ -51,6 +51,33 @@ def test_condition_and_guidance_branch(bert):
 def test_lowres_conditioner_uses_the_denoisers_schedule():
     sr = build_diffusion_model(config("sr", None, "diffusion.schedule_shift=2.0"))
     assert sr.conditioners["lowres"].schedule.shift == sr.denoiser.schedule.shift == 2.0
+
+
+@pytest.mark.parametrize(("lobe_encoding", "channels"), [("levels", 4), ("bits", 6)])
+def test_the_lobe_encoding_sets_the_networks_channels(bert, lobe_encoding, channels):
+    base = build_diffusion_model(config("base", bert, f"lobe_encoding={lobe_encoding}"))
+    assert (base.denoiser.net.in_channels, base.out_channels) == (channels, channels)
+    sr = build_diffusion_model(config("sr", None, f"lobe_encoding={lobe_encoding}"))
+    assert (sr.denoiser.net.in_channels, sr.out_channels) == (2 * channels, channels)  # + the concatenated
+    assert sr.conditioners["lowres"].lobe_encoding == lobe_encoding
+    x = torch.zeros(1, 4, 8, 8, 8)
+    x[:, 1, :4] = 1.0  # right lower lobe in half the volume
+    net = sr.to_net(x)
+    assert net.shape == (1, channels, 8, 8, 8) and torch.equal(sr.from_net(net), x)
+    assert sr.condition({"lowres": x}, generator=[torch.Generator()])["concat"].shape == net.shape
+    rewrapped = DiffusionModel(sr.denoiser, sr.conditioners)  # e.g. around the EMA denoiser (previews)
+    assert rewrapped.lobe_encoding == lobe_encoding
+
+
+def test_bad_encodings_are_named():
+    with pytest.raises(ConfigError, match="lobe_encoding='trits'.*levels, bits"):
+        load_run_config("sr", None, ["lobe_encoding=trits"])
+    with pytest.raises(ConfigError, match="encoding='medsyn-1'.*medsyn-2"):
+        load_run_config("sr", None, ["encoding=medsyn-1"])
+    with pytest.raises(ConfigError, match="lobe_encoding='trits'"):
+        build_diffusion_model({**config("sr"), "lobe_encoding": "trits"})
+    with pytest.raises(ConfigError, match="lobe_encoding"):  # a run setting, not one of the section's
+        load_run_config("sr", None, ["lowres.lobe_encoding=bits"])
 
 
 def test_exported_state_round_trips_strictly(bert):

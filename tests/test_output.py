@@ -1,13 +1,21 @@
-"""Sample output folders (medsyn.generation.output): which OUT is refused, what counts as medsyn's own."""
+"""Sample output folders (medsyn.generation.output): which OUT is refused, what counts as medsyn's own,
+how a sample's lobes are decoded."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
+import torch
 
+from medsyn.data.channels import decode_volume, encode_volume
+from medsyn.data.grid import Grid
+from medsyn.data.nifti import spacing_affine
+from medsyn.data.phantom import generate_phantom
 from medsyn.errors import DataError
-from medsyn.generation.output import check_out_dir, clean_unfinished
+from medsyn.generation.output import check_out_dir, clean_unfinished, write_sample
 
 
 @pytest.mark.parametrize("where", ["root", "cwd", "parent", "home", "symlink", "file"])
@@ -53,3 +61,18 @@ def test_only_medsyn_temporaries_are_cleaned(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [".cache.tmp", ".sample-5.mine.tmp"]
     assert (lookalike / "data.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.a1b2c3d4.tmp", "out"]
+
+
+@pytest.mark.parametrize("fixed", [{}, {"lobes": {"path": "given.nii.gz"}}])
+def test_generated_lobes_are_written_with_the_lungs_in_mind_fixed_ones_as_given(tmp_path, fixed):
+    phantom = generate_phantom(size=32, seed=2)
+    x = encode_volume({"ct": phantom.ct, "lobes": phantom.lobes, "airway": phantom.airway,
+                       "vessels": phantom.vessels})  # fmt: skip
+    x[1] += np.random.default_rng(0).normal(0, 0.12, x[1].shape).astype(np.float32)  # a generated channel
+    grid = Grid((32,) * 3, (8.0,) * 3, spacing_affine(8.0, (32,) * 3))
+    write_sample(tmp_path, torch.from_numpy(x), grid, {"seed": 0, "prompt": "Normal.", "fixed": fixed})
+    written = np.asarray(nib.load(tmp_path / "lobes.nii.gz").dataobj)
+    expected = decode_volume(x, clean=not fixed)["lobes"]
+    np.testing.assert_array_equal(written, expected)
+    assert not np.array_equal(written, decode_volume(x, clean=bool(fixed))["lobes"])
+    assert (tmp_path / "preview.png").is_file()

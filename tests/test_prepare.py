@@ -12,7 +12,7 @@ from test_segment import tiny_chest
 
 from medsyn.cli import main
 from medsyn.data import cache
-from medsyn.data.channels import decode_volume, encode_lobes
+from medsyn.data.channels import ENCODING, decode_volume, downsample, encode_lobes
 from medsyn.data.nifti import save_nifti
 from medsyn.data.prepare import PrepareOptions, parse_fractions, prepare
 from medsyn.data.preprocess import PreprocessConfig
@@ -60,11 +60,12 @@ def test_cache_layout_and_given_masks(tmp_path: Path, chest):
     lr = cache.load_array(tmp_path / "cache" / "a" / "lr.npy")
     assert isinstance(hr, np.memmap) and hr.dtype == np.float16 and hr.shape == (4, 32, 32, 32)
     assert lr.shape == (4, 8, 8, 8)
-    np.testing.assert_array_equal(lr, hr[:, ::4, ::4, ::4])
+    np.testing.assert_allclose(lr, downsample(np.asarray(hr, np.float32), 4), atol=1e-3)  # block means
+    meta = cache.read_meta(tmp_path / "cache", "a")
+    assert meta["encoding"] == ENCODING
     # the given lobes come back as they are, flipped from LAS to RAS
     np.testing.assert_array_equal(decode_volume(np.asarray(hr, np.float32))["lobes"], given_lobes[::-1])
     np.testing.assert_allclose(hr[1], encode_lobes(given_lobes[::-1].astype(np.float32)), atol=1e-3)
-    meta = cache.read_meta(tmp_path / "cache", "a")
     assert meta["masks"] == {"lobes": "input", "airway": "threshold", "vessels": "threshold"}
     assert nib.aff2axcodes(np.array(meta["affine"])) == ("R", "A", "S")
     np.testing.assert_allclose(np.array(meta["lr_affine"])[:3, :3], 4 * np.eye(3))

@@ -12,7 +12,7 @@ from medsyn.errors import DataError
 from medsyn.generation.model import build_diffusion_model
 from medsyn.generation.run import load_run
 from medsyn.training.config import load_run_config
-from medsyn.weights import export_weights
+from medsyn.weights import export_weights, load_weights
 
 
 def export_base(run_dir: Path, **overrides: str) -> None:
@@ -54,3 +54,18 @@ def test_missing_text_model_names_the_run_the_setting_and_the_path(repo, tmp_pat
     message = str(info.value)
     assert len(message.splitlines()) == 1 and str(run_dir) in message
     assert "text.model" in message and "runs/demo/gone" in message and "weights do not match" not in message
+
+
+@pytest.mark.parametrize("recorded", [None, "medsyn-0"])
+def test_a_run_of_an_earlier_channel_encoding_is_refused(repo, tmp_path, recorded):
+    state, config = load_weights(repo / "runs" / "demo" / "base" / "model.safetensors")
+    del config["encoding"], config["lobe_encoding"]  # as medsyn-1 wrote it
+    if recorded is not None:
+        config["encoding"] = recorded
+    weights = tmp_path / "old" / "model.safetensors"
+    export_weights(weights, state, config)
+    with pytest.raises(DataError) as info:
+        load_run(weights.parent)
+    message = str(info.value)
+    assert len(message.splitlines()) == 1 and str(weights) in message and "retrain" in message
+    assert ("trained with the medsyn-1 lobe encoding" if recorded is None else repr(recorded)) in message

@@ -27,13 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16  # hr grid 16^3 at 16 mm, base grid 4^3 at 64 mm
 
 
-def make_runs(root: Path, size: int = SIZE) -> dict[str, Path]:
+def make_runs(root: Path, size: int = SIZE, lobe_encoding: str = "levels") -> dict[str, Path]:
     """Base and SR run directories with tiny, randomly perturbed (so not all-zero) weights."""
     cache = make_cache(root / "cache", n=4, size=size)
     bert = make_text_model(root / "bert")
     runs = {"cache": cache, "bert": bert}
     for stage in ("base", "sr"):
         over = [f"run_dir={root / stage}", f"model.preset={stage}-tiny", f"data.root={cache}"]
+        over += [f"lobe_encoding={lobe_encoding}"]
         over += [f"text.model={bert}"] if stage == "base" else []
         cfg = to_container(load_run_config(stage, None, over))
         model = build_diffusion_model(cfg)
@@ -309,6 +310,19 @@ def test_cli_errors_are_one_line_without_traceback(runs, tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert "nope" in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_a_run_of_the_earlier_lobe_encoding_is_refused_before_sampling(runs, tmp_path, capsys):
+    from medsyn.weights import load_weights
+
+    state, run_config = load_weights(runs["base"] / "model.safetensors")
+    del run_config["encoding"], run_config["lobe_encoding"]  # as medsyn-1 wrote it
+    export_weights(tmp_path / "old" / "model.safetensors", state, run_config)
+    assert run_sample("--base", tmp_path / "old", "--prompt", "x", "--out", tmp_path / "o", *FAST) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "retrain" in err
+    assert "trained with the medsyn-1 lobe encoding" in err
+    assert str(tmp_path / "old" / "model.safetensors") in err and not (tmp_path / "o").exists()
 
 
 def test_wrong_stage_run_is_named(runs, tmp_path, capsys):

@@ -8,11 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_sample import FAST, run_sample
 from training_fixtures import make_cache, make_text_model
 
+from medsyn.data.channels import ENCODING
 from medsyn.training.config import load_run_config
 from medsyn.training.module import NonFiniteLossError
 from medsyn.training.run import train
@@ -83,6 +87,23 @@ def test_sr_run_with_gradient_accumulation(assets, tmp_path):
     # 3 batches per epoch: two accumulate into step 1, the epoch's last one makes step 2 on its own
     # (the checkpoint is taken at that batch's end: processed, not yet marked completed)
     assert ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"] == 3
+
+
+def test_bits_runs_train_export_preview_and_sample_lobe_labels(assets, tmp_path):
+    extra = {"lobe_encoding": "bits", "trainer.max_steps": 2, "preview.every_n_steps": 2, "preview.steps": 2,
+             "preview.seeds": "[0]"}  # fmt: skip
+    base, sr = run(assets, tmp_path / "base", **extra), run(assets, tmp_path / "sr", stage="sr", **extra)
+    for run_dir, channels in ((base, (6, 6)), (sr, (12, 6))):  # SR: 6 noisy + 6 concatenated in, 6 out
+        state, config = load_weights(run_dir / "model.safetensors")
+        assert config["lobe_encoding"] == "bits" and config["encoding"] == ENCODING  # for sample.py
+        assert "lobe_encoding: bits" in (run_dir / "config.yaml").read_text()
+        assert (state["net.conv_in.weight"].shape[1], state["net.conv_out.weight"].shape[0]) == channels
+        assert (run_dir / "previews" / "step_0000002.png").is_file()  # previews see four channels
+    out = tmp_path / "samples"
+    assert run_sample("--base", base, "--sr", sr, "--prompt", "Normal.", "--out", out, *FAST) == 0
+    lobes = nib.load(out / "0" / "lobes.nii.gz")
+    assert lobes.shape == (32,) * 3 and lobes.get_data_dtype() == np.uint8
+    assert set(np.unique(np.asarray(lobes.dataobj))) <= set(range(6))
 
 
 def _net_state(path: Path) -> dict[str, torch.Tensor]:

@@ -3,7 +3,8 @@
 Cascaded diffusion (Ho et al., 2022) trains the SR model on a low-resolution input corrupted by the
 forward process at a random level in [0, noise_max] and tells the network that level (`aug_t`), so at
 sampling a small fixed level (`noise_sample`) hides the base model's artefacts. The same module
-conditions training batches, validation and generation, so the three can never drift apart.
+conditions training batches, validation and generation, so the three can never drift apart. It takes
+the four volume channels and concatenates them in the channels the network denoises (`lobe_encoding`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medsyn.data.channels import net_channels, to_net
 from medsyn.data.grid import UPSAMPLE_MODES, upsample
 from medsyn.diffusion import build_schedule, randn_per_sample
 from medsyn.errors import ConfigError
@@ -29,7 +31,8 @@ def _randn(shape: Sequence[int], generator: Generators, like: torch.Tensor) -> t
 
 
 class LowResConditioner(nn.Module):
-    """{"concat": (B, C, *S) noised upsampled volume, "aug_t": (B,)} from a low-resolution volume.
+    """{"concat": (B, C, *S) noised upsampled volume, "aug_t": (B,)} from a (B, 4, *S) low-resolution
+    volume; C is the network's channel count for the lobe encoding.
 
     noise_max: training draws the augmentation level uniformly in [0, noise_max] (diffusion time).
     noise_sample: the level used outside training (validation, generation); within [0, noise_max].
@@ -37,6 +40,8 @@ class LowResConditioner(nn.Module):
         is upsampled the same way, so sampling conditions the model exactly as it was trained.
     schedule, schedule_shift: the diffusion schedule the levels are times of; the builder passes the
         run's own (`diffusion` section), so augmentation and denoising share one schedule.
+    lobe_encoding: the run's (`medsyn.data.channels.to_net`): the volume is concatenated as the network
+        denoises its own (bits: exact bits of the nearest lobe labels), passed by the builder.
     """
 
     key = "lowres"  # the batch entry it conditions on: (B, C, *S) already on the SR grid
@@ -48,6 +53,7 @@ class LowResConditioner(nn.Module):
         upsample: str = "nearest",
         schedule: str = "cosine",
         schedule_shift: float = 1.0,
+        lobe_encoding: str = "levels",
     ) -> None:
         super().__init__()
         if upsample not in UPSAMPLE_MODES:
@@ -57,10 +63,12 @@ class LowResConditioner(nn.Module):
         self.noise_max, self.upsample_mode = float(noise_max), upsample
         self.noise_sample = self.check_level(noise_sample, "lowres.noise_sample")
         self.schedule = build_schedule(schedule, shift=schedule_shift)
+        self.lobe_encoding = lobe_encoding
 
     def extra_repr(self) -> str:
         return (
-            f"noise_max={self.noise_max}, noise_sample={self.noise_sample}, upsample={self.upsample_mode!r}"
+            f"noise_max={self.noise_max}, noise_sample={self.noise_sample}, upsample={self.upsample_mode!r}, "
+            f"lobe_encoding={self.lobe_encoding!r}"
         )
 
     def check_level(self, level: float, name: str = "the low-resolution noise level") -> float:
@@ -85,8 +93,9 @@ class LowResConditioner(nn.Module):
         generator: Generators = None,
         level: float | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Noise-augment `lowres` (B, C, *S): at a random level in training, else at `level`
-        (default `noise_sample`). `generator` is one generator, or one per sample (generation)."""
+        """Noise-augment `lowres` (B, 4, *S), in the network's channels: at a random level in training, else
+        at `level` (default `noise_sample`). `generator` is one generator, or one per sample (generation)."""
+        lowres = to_net(lowres, self.lobe_encoding)  # (B, C, *S)
         b = lowres.shape[0]
         if train:
             gen_device = generator.device if isinstance(generator, torch.Generator) else lowres.device
@@ -102,5 +111,6 @@ class LowResConditioner(nn.Module):
         return None
 
     def unet_arguments(self) -> dict[str, Any]:
-        """UNet constructor arguments this conditioner fixes: the noise-level embedding."""
-        return {"augment_embedding": True}
+        """UNet constructor arguments this conditioner fixes: the noise-level embedding, and the input
+        channels: the noisy volume's and the concatenated one's, both in the network's channels."""
+        return {"augment_embedding": True, "in_channels": 2 * len(net_channels(self.lobe_encoding))}

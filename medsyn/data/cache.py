@@ -3,10 +3,12 @@
 Layout of a cache directory `DIR`:
 
     DIR/<id>/hr.npy       float16 (4, S, S, S): ct, lobes, airway, vessels in the diffusion range [-1, 1]
-    DIR/<id>/lr.npy       float16 (4, S/f, S/f, S/f): every f-th voxel of hr.npy (nearest, f = 4)
+    DIR/<id>/lr.npy       float16 (4, S/f, S/f, S/f): hr.npy averaged over f^3 blocks (lobes: the most
+                          frequent label; `medsyn.data.channels.downsample`, f = 4)
     DIR/<id>/meta.json    id, source, affines of both grids, spacing, backend, report sections
     DIR/<id>/report.txt   "Findings: ...\\n\\nImpression: ..."
-    DIR/manifest.csv      one row per finished subject (MANIFEST_COLUMNS); paths relative to DIR
+    DIR/manifest.csv      one row per finished subject (MANIFEST_COLUMNS); paths relative to DIR; its
+                          `encoding` column names the channel convention (`channels.ENCODING`)
     DIR/failed.csv        id, source, reason for each subject the last run could not prepare
 
 A subject directory is written under a temporary name and renamed when complete, so a directory with
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medsyn.data import channels
 from medsyn.errors import ConfigError, DataError
 from medsyn.io import atomic_dir, atomic_path, write_json, write_text
 
@@ -40,6 +43,7 @@ MANIFEST_COLUMNS = (
     "lr_size",
     "spacing_mm",
     "source",
+    "encoding",
 )
 FAILED_COLUMNS = ("id", "source", "reason")
 SPLITS = ("train", "val", "test")
@@ -66,8 +70,20 @@ def id_problem(subject_id: str) -> str:
 
 
 def downsample(hr: np.ndarray, factor: int = 4) -> np.ndarray:
-    """Nearest-neighbour downsampling of a (C, *spatial) stack: every `factor`-th voxel, as in MedSyn."""
-    return np.ascontiguousarray(hr[(slice(None), *(slice(None, None, factor),) * (hr.ndim - 1))])
+    """The base-resolution stack of a 4-channel hr stack: block means, lobes by majority (MedSyn took
+    every f-th voxel, which turns thin vessels, ribs and lobe borders into aliased specks)."""
+    return channels.downsample(hr, factor, channels.CHANNELS)
+
+
+def encoding_problem(where: str | os.PathLike, encoding: str | None) -> str:
+    """'' when `encoding` is the current channel convention, else the one-line reason to refuse the data."""
+    if encoding == channels.ENCODING:
+        return ""
+    found = f"channel encoding {encoding!r}" if encoding else "no channel encoding recorded (medsyn-1)"
+    return (
+        f"{where}: prepared with {found}; this medsyn reads {channels.ENCODING!r} (lobe levels and block-mean "
+        "base grid changed). Prepare the data again into a new folder (`medsyn prepare ... --out NEW`)"
+    )
 
 
 def split_for(subject_id: str, fractions: Sequence[float] = (0.8, 0.1, 0.1), salt: str = "medsyn") -> str:
@@ -98,7 +114,9 @@ def write_subject(
     meta: dict,
     overwrite: bool = False,
 ) -> Path:
-    """Write one subject atomically; `meta` must hold `findings` and `impression`."""
+    """Write one subject atomically; `meta` must hold `findings` and `impression`. The arrays are taken to
+    be in the current channel convention unless `meta["encoding"]` says otherwise."""
+    meta = {**meta, "encoding": meta.get("encoding", channels.ENCODING)}
     problem = id_problem(subject_id)
     if problem:
         raise DataError(f"subject id {subject_id!r} {problem}")
@@ -148,6 +166,9 @@ def write_manifest(root: str | os.PathLike, fractions: Sequence[float] = (0.8, 0
     rows = []
     for subject_id in finished_subjects(root):
         meta = read_meta(root, subject_id)
+        problem = encoding_problem(Path(root) / subject_id / META_FILE, meta.get("encoding"))
+        if problem:
+            raise DataError(problem)
         rows.append(
             {
                 "id": subject_id,
@@ -160,6 +181,7 @@ def write_manifest(root: str | os.PathLike, fractions: Sequence[float] = (0.8, 0
                 "lr_size": meta.get("lr_size", ""),
                 "spacing_mm": meta.get("spacing_mm", ""),
                 "source": meta.get("source", ""),
+                "encoding": meta["encoding"],
             }
         )
     _write_csv(Path(root) / MANIFEST_FILE, MANIFEST_COLUMNS, rows)
@@ -181,6 +203,9 @@ def read_cache_manifest(root: str | os.PathLike) -> list[dict]:
     missing = [c for c in ("id", "hr", "lr", "findings", "impression", "split") if rows and c not in rows[0]]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}")
+    problem = encoding_problem(path, rows[0].get("encoding")) if rows else ""
+    if problem:
+        raise DataError(problem)
     for row in rows:
         row["hr"], row["lr"] = str(path.parent / row["hr"]), str(path.parent / row["lr"])
     return rows

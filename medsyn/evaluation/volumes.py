@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medsyn.data.cache import META_FILE, SPLITS, load_array
+from medsyn.data.cache import META_FILE, SPLITS, encoding_problem, load_array
 from medsyn.data.channels import CHANNELS, MASK_CHANNELS, decode_volume
 from medsyn.data.nifti import load_nifti, spacing_affine
 from medsyn.errors import DataError
@@ -86,6 +86,8 @@ def _from_manifest(path: Path, split: str | None) -> list[VolumeRef]:
     columns = set(rows[0])
     if "id" not in columns or not ({"ct", "hr"} & columns):
         raise DataError(f"{path}: expected an `id` column and a `ct` (NIfTI) or `hr` (cache) column")
+    if "hr" in columns and encoding_problem(path, rows[0].get("encoding")):
+        raise DataError(encoding_problem(path, rows[0].get("encoding")))
     if split is not None:
         if "split" not in columns:
             raise DataError(f"{path}: --split {split} needs a `split` column (a prepared cache's manifest)")

@@ -16,8 +16,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from medsyn.data.cache import downsample
-from medsyn.data.channels import CHANNELS, HU_MIN, NUM_LOBE_LABELS, encode_channel
+from medsyn.data.channels import CHANNELS, HU_MIN, NUM_LOBE_LABELS, decode_channel, downsample, encode_channel
 from medsyn.data.grid import Grid
 from medsyn.data.nifti import load_nifti
 from medsyn.errors import DataError
@@ -89,14 +88,14 @@ def bring_to_grid(
     name: str, values: np.ndarray, affine: np.ndarray, grid: Grid, path: str | os.PathLike,
     hr_grid: Grid | None = None, factor: int = 1,
 ) -> tuple[np.ndarray, str]:  # fmt: skip
-    """`values` on `grid`, and how it got there: as is, every `factor`-th voxel of `hr_grid`
-    (the cache's own downsampling), or resampled by the `medsyn prepare` chain (RAS, spacing, crop/pad)."""
+    """`values` on `grid`, and how it got there: as is, `factor`^3 blocks of `hr_grid` decoded from their
+    mean (lobes: majority; the cache's own downsampling), or resampled by the `medsyn prepare` chain
+    (RAS, spacing, crop/pad)."""
     if _on_grid(values.shape, affine, grid):
         return values, "on the run's grid"
     if hr_grid is not None and factor > 1 and _on_grid(values.shape, affine, hr_grid):
-        return downsample(values[None], factor)[
-            0
-        ], f"every {factor}th voxel of the run's high-resolution grid"
+        coarse = downsample(np.asarray(encode_channel(name, values), np.float32)[None], factor, [name])[0]
+        return decode_channel(name, coarse), f"{factor}^3 block averages of the run's high-resolution grid"
     from medsyn.data.preprocess import PreprocessConfig, to_grid
 
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
@@ -132,12 +131,11 @@ class FixedChannels:
         return [CHANNELS.index(n) for n in CHANNELS if n in self.values]
 
     def encoded(self, factor: int = 1) -> torch.Tensor:
-        """The fixed channels in the diffusion range (1, k, *S), every `factor`-th voxel for the base stage."""
-        planes = [
-            np.asarray(encode_channel(n, self.values[n]), np.float32) for n in CHANNELS if n in self.values
-        ]
-        stack = np.stack(planes)
-        return torch.from_numpy(downsample(stack, factor) if factor > 1 else stack)[None]
+        """The fixed channels in the diffusion range (1, k, *S), on the base grid (as the cache's base stack:
+        block means, lobes by majority) when `factor` > 1."""
+        names = [n for n in CHANNELS if n in self.values]
+        stack = np.stack([np.asarray(encode_channel(n, self.values[n]), np.float32) for n in names])
+        return torch.from_numpy(downsample(stack, factor, names))[None]
 
     def meta(self) -> dict[str, dict]:
         return self.sources

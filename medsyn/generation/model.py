@@ -4,6 +4,8 @@ One builder serves training (`medsyn.training.module`) and loading a trained run
 (`medsyn.generation.run`), so the two can never build different models. What differs between the base
 and the SR stage lives in the config: the conditioner sections it has (`text`, `lowres`; see
 `medsyn.conditioning.CONDITIONERS`), the UNet preset, and which of the cache's grids it learns.
+The run's `lobe_encoding` sets the channels the network denoises (4, or 6 with the lobes as analog bits):
+the model takes and gives volumes of the four channels (`to_net`, `from_net`), whatever it denoises.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 
 from medsyn.conditioning import CONDITIONERS
 from medsyn.config import check_keys, constructor_keys
+from medsyn.data.channels import LOBE_ENCODINGS, from_net, net_channels, to_net
 from medsyn.diffusion import Denoiser, build_denoiser
 from medsyn.errors import ConfigError
 from medsyn.nn.build import build_model
@@ -24,6 +27,7 @@ from medsyn.weights import split_state
 
 # diffusion settings a conditioner may share with the denoiser (taken by name from `diffusion`)
 SHARED_DIFFUSION_KEYS = ("schedule", "schedule_shift")
+SHARED_RUN_KEYS = ("lobe_encoding",)  # run settings a conditioner may take too (by name, from the top level)
 RESOLUTIONS = ("lr", "hr")  # which of the cache's stacks a model learns: base lr (64^3), SR hr (256^3)
 
 
@@ -31,12 +35,20 @@ class DiffusionModel(nn.Module):
     """A denoiser `denoiser(x_t, t, **cond) -> x0` and the conditioners that make `cond` from raw inputs.
 
     conditioners: keyed by the input each reads (a run config section name, e.g. "text", "lowres").
+    lobe_encoding: how the network denoises the lobes ("levels" or "bits", `medsyn.data.channels`); None:
+        the one with as many channels as the network has (a model wrapped around e.g. the EMA denoiser).
     """
 
-    def __init__(self, denoiser: Denoiser, conditioners: Mapping[str, nn.Module]) -> None:
+    def __init__(
+        self, denoiser: Denoiser, conditioners: Mapping[str, nn.Module], lobe_encoding: str | None = None
+    ) -> None:
         super().__init__()
         self.denoiser = denoiser
         self.conditioners = nn.ModuleDict(dict(conditioners))
+        if lobe_encoding is None:
+            bits = self.out_channels == len(net_channels("bits"))
+            lobe_encoding = "bits" if bits else "levels"
+        self.lobe_encoding = lobe_encoding
 
     @property
     def device(self) -> torch.device:
@@ -44,7 +56,16 @@ class DiffusionModel(nn.Module):
 
     @property
     def out_channels(self) -> int:
+        """The channels the network denoises (`net_channels` of its lobe encoding)."""
         return int(self.denoiser.net.out_channels)
+
+    def to_net(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 4, *S) volumes in the diffusion range (lobes as levels) -> (B, out_channels, *S)."""
+        return to_net(x, self.lobe_encoding)
+
+    def from_net(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, out_channels, *S) -> (B, 4, *S) volumes (bits: the levels of the nearest valid codes)."""
+        return from_net(x, self.lobe_encoding)
 
     def condition(
         self,
@@ -109,13 +130,25 @@ class DiffusionModel(nn.Module):
 
 
 def conditioner_keys(cls: type) -> list[str]:
-    """The keys a conditioner's config section may hold (shared diffusion settings come from `diffusion`)."""
-    return [k for k in constructor_keys(cls) if k not in SHARED_DIFFUSION_KEYS]
+    """The keys a conditioner's config section may hold (shared diffusion settings come from `diffusion`,
+    shared run settings from the top level)."""
+    return [k for k in constructor_keys(cls) if k not in (*SHARED_DIFFUSION_KEYS, *SHARED_RUN_KEYS)]
+
+
+def lobe_encoding_of(config: Mapping[str, Any]) -> str:
+    """The run's `lobe_encoding` ("levels" when the config has none), checked."""
+    encoding = config.get("lobe_encoding", "levels")
+    if encoding not in LOBE_ENCODINGS:
+        raise ConfigError(
+            f"lobe_encoding={encoding!r} in the run config; expected one of {', '.join(LOBE_ENCODINGS)}"
+        )
+    return encoding
 
 
 def build_conditioners(config: Mapping[str, Any]) -> dict[str, nn.Module]:
     """One conditioner per section of `config` named in `CONDITIONERS`, built from that section."""
     diffusion = config.get("diffusion") or {}
+    run = {"lobe_encoding": lobe_encoding_of(config)}
     out: dict[str, nn.Module] = {}
     for key, cls in CONDITIONERS.items():
         section = config.get(key)
@@ -125,16 +158,20 @@ def build_conditioners(config: Mapping[str, Any]) -> dict[str, nn.Module]:
         shared = {
             k: diffusion[k] for k in SHARED_DIFFUSION_KEYS if k in diffusion and k in constructor_keys(cls)
         }
+        shared.update({k: run[k] for k in SHARED_RUN_KEYS if k in constructor_keys(cls)})
         out[key] = cls(**section, **shared)
     return out
 
 
 def build_diffusion_model(config: Mapping[str, Any]) -> DiffusionModel:
     """The denoiser and conditioners of a run config: `model` (UNet), `diffusion` (`build_denoiser`'s
-    arguments) and one section per conditioner. Conditioners fix the UNet arguments they depend on
-    (e.g. the text features' width as `cross_attention_dim`)."""
+    arguments), `lobe_encoding` and one section per conditioner. The lobe encoding fixes the UNet's
+    channels, conditioners the arguments they depend on (e.g. the text features' width as
+    `cross_attention_dim`, the concatenated low-resolution volume's channels in `in_channels`)."""
+    lobe_encoding = lobe_encoding_of(config)
     conditioners = build_conditioners(config)
-    unet_args: dict[str, Any] = {}
+    channels = len(net_channels(lobe_encoding))
+    unet_args: dict[str, Any] = {"in_channels": channels, "out_channels": channels}
     for conditioner in conditioners.values():
         unet_args.update(conditioner.unet_arguments())
     try:
@@ -143,7 +180,7 @@ def build_diffusion_model(config: Mapping[str, Any]) -> DiffusionModel:
         )
     except (TypeError, ValueError) as err:
         raise ConfigError(f"invalid diffusion settings in the run config: {err}") from err
-    return DiffusionModel(denoiser, conditioners)
+    return DiffusionModel(denoiser, conditioners, lobe_encoding)
 
 
 # keys of configs written by medsyn 0.1 before the conditioner sections existed: old -> new

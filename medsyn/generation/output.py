@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from medsyn.data.channels import decode_volume
+from medsyn.data.channels import decode_volume, encode_lobes
 from medsyn.data.grid import Grid
 from medsyn.data.nifti import save_nifti
 from medsyn.errors import DataError
@@ -53,13 +53,19 @@ def package_versions() -> dict[str, str]:
 
 
 def write_sample(directory: Path, x: torch.Tensor, grid: Grid, meta: dict) -> None:
-    """Write one sample (4, *S) in the diffusion range as the design's files into `directory`."""
+    """Write one sample (4, *S) in the diffusion range as the design's files into `directory`.
+
+    Generated lobes are decoded with the lungs in mind (`medsyn.data.channels.decode_lobes_clean`), fixed
+    ones (`meta["fixed"]`) exactly as given; the preview shows the lobes as written.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    arrays = decode_volume(x.numpy())
+    arrays = decode_volume(x.numpy(), clean="lobes" not in meta["fixed"])
     for name, array in arrays.items():
         save_nifti(directory / f"{name}.nii.gz", array, grid.affine, dtype=array.dtype)
     title = f"seed {meta['seed']}: {meta['prompt']}"
-    save_png(directory / "preview.png", render_volume(x, spacing=grid.affine, title=title))
+    shown = x.clone()
+    shown[1] = torch.from_numpy(encode_lobes(arrays["lobes"]))
+    save_png(directory / "preview.png", render_volume(shown, spacing=grid.affine, title=title))
     write_json(directory / "meta.json", meta)
 
 

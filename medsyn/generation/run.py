@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from medsyn.conditioning.text import looks_like_path
+from medsyn.data.channels import ENCODING
 from medsyn.data.grid import LR_FACTOR, Grid
 from medsyn.data.nifti import spacing_affine
 from medsyn.errors import DataError, MedsynError
@@ -143,6 +144,19 @@ def _resolve_paths(config: dict, run_dir: Path) -> None:
             data["root"] = str(found)
 
 
+def encoding_problem(config: dict, weights: Path) -> str:
+    """'' when a run's stored config records the current channel encoding, else the one-line reason its
+    samples would decode wrongly (a run of medsyn-1 records none: lobes as label / 5)."""
+    encoding = config.get("encoding")
+    if encoding == ENCODING:
+        return ""
+    found = f"the {encoding!r} channel encoding" if encoding else "the medsyn-1 lobe encoding (label / 5)"
+    return (
+        f"{weights}: trained with {found}; this medsyn decodes {ENCODING!r} (lobe levels, block-mean base "
+        "grid), so its masks would come out wrong; retrain the run on data prepared by this medsyn"
+    )
+
+
 def _distrust(config: dict, weights: Path, log: Callable[[str], None]) -> None:
     """Never run code a weights file names: switch off a stored `text.trust_remote_code`."""
     text = config.get("text")
@@ -163,7 +177,8 @@ def load_run(
 ) -> LoadedRun:
     """Build the model of `run_dir` from its config and EMA weights, ready to generate on `device`.
 
-    `stage` ("base" / "sr"), when given, must match the run's. Errors name the directory or file.
+    `stage` ("base" / "sr"), when given, must match the run's; so must its channel encoding (a run of an
+    earlier encoding is refused: `encoding_problem`). Errors name the directory or file.
     trust_remote_code: honour a stored `text.trust_remote_code` (model code from the text model's
         directory or hub repository); by default it is switched off, with a note through `log`.
     Relative paths in the stored config are found from here or from the run directory's parents.
@@ -181,6 +196,8 @@ def load_run(
         raise DataError(f"{weights}: unknown stage {run_stage!r} in the weights' metadata")
     if stage is not None and run_stage != stage:
         raise DataError(f"{run_dir}: is a '{run_stage}' run, expected a '{stage}' run here")
+    if encoding_problem(config, weights):
+        raise DataError(encoding_problem(config, weights))
     if not trust_remote_code:
         _distrust(config, weights, log)
     _resolve_paths(config, run_dir)

@@ -2,8 +2,9 @@
 
 `generate` samples a batch from a `DiffusionModel` given the raw inputs of its conditioners (report
 texts for the base model, the upsampled low-resolution volume for the SR model). `synthesize` runs the
-cascade `sample.py` runs. Everything is seeded per sample: sample i depends only on seeds[i], never on
-how samples were batched.
+cascade `sample.py` runs. Volumes in and out have the four channels (lobes as levels), whatever channels
+the network denoises (`DiffusionModel.to_net`). Everything is seeded per sample: sample i depends only on
+seeds[i], never on how samples were batched.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from typing import Any
 
 import torch
 
+from medsyn.data.channels import CHANNELS, net_channels, to_net
 from medsyn.diffusion import SAMPLERS, ClassifierFreeGuidance, HoldFixed, randn_per_sample, sample, time_grid
 from medsyn.errors import ConfigError
 from medsyn.generation.fixed import FixedChannels
 from medsyn.generation.model import DiffusionModel
 from medsyn.generation.windowed import windowed_denoiser
 
-Hold = tuple[torch.Tensor, Sequence[int]]  # encoded fixed channels (1 | B, k, *S) and their indices
+Hold = tuple[torch.Tensor, Sequence[int]]  # encoded fixed channels (1 | B, k, *S), their indices in CHANNELS
 SR_SEED_OFFSET = 1 << 40  # the SR stage of sample i draws from seed_i + offset: noise unrelated to the base's
 SR_MODES = ("full", "window")
 
@@ -49,7 +51,7 @@ def generate(
     overlap: float = 0.2,
     callback: Callable | None = None,
 ) -> torch.Tensor:
-    """Sample volumes (B, C, *shape), one per seed, conditioned on `inputs` (one entry per conditioner).
+    """Sample volumes (B, 4, *shape), one per seed, conditioned on `inputs` (one entry per conditioner).
 
     guidance: classifier-free guidance scale, with its interval and rescale (see
         `ClassifierFreeGuidance`); it applies when the model has a null condition, else the scale is 1.
@@ -76,12 +78,16 @@ def generate(
     ts = time_grid(steps, grid, schedule).to(device)
     project = None
     if hold is not None:
-        project = HoldFixed(hold[0], hold[1], schedule, gens)
+        names = [CHANNELS[i] for i in hold[1]]
+        held, net = net_channels(model.lobe_encoding, names), net_channels(model.lobe_encoding)
+        values = to_net(hold[0], model.lobe_encoding, names)
+        project = HoldFixed(values, [net.index(n) for n in held], schedule, gens)
         noise = project(noise, ts[:1].expand(noise.shape[0]))  # the fixed channels, noised, in x_1 too
-    return sample(
+    x = sample(
         sampler, denoise, noise, ts, schedule, generators=gens, callback=callback, project=project,
         resample_rounds=resample_rounds,
     )  # fmt: skip
+    return model.from_net(x)
 
 
 def generate_base(model: DiffusionModel, prompts: Sequence[str], seeds: Sequence[int], shape: Sequence[int],
@@ -158,7 +164,8 @@ def synthesize(
     base, sr, prompts: Sequence[str], seeds: Sequence[int], options: SampleOptions,
     fixed: FixedChannels | None = None, callback: Callable | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Base sample with CFG (and SR when `sr` is given) for one batch; (B, 4, *S) float32 on the CPU.
+    """Base sample with CFG (and SR when `sr` is given) for one batch; (B, 4, *S) float32 on the CPU
+    (lobes as levels; bits runs give those of the nearest valid codes).
 
     base, sr: `medsyn.generation.run.LoadedRun`s. `fixed` lies on the output grid (SR's when `sr` is given).
     callback: the samplers' `callback(i, t, x, x0)`, called once per step of each stage (progress).

@@ -26,6 +26,7 @@ from medsyn.config import (
     parse_overrides,
     to_container,
 )
+from medsyn.data.channels import ENCODING, LOBE_ENCODINGS
 from medsyn.data.datamodule import TEXT_MODES
 from medsyn.errors import ConfigError
 from medsyn.generation.model import RESOLUTIONS, conditioner_keys, legacy_keys, upgrade_config
@@ -44,6 +45,8 @@ _COMMON: dict[str, Any] = {
     "seed": 0,
     "resume": "auto",  # auto: continue from the newest readable checkpoint in run_dir; never; or a path
     "overwrite": False,  # with resume=never: delete the checkpoints a run_dir holds and start afresh
+    "encoding": ENCODING,  # the channel convention of the data (a record, see medsyn.data.channels)
+    "lobe_encoding": "levels",  # how the network denoises the lobes: levels (4 channels) or bits (6)
     "model": {"preset": "base-700m"},  # UNet preset and/or constructor arguments (medsyn.nn.build)
     "diffusion": {"schedule": "cosine", "schedule_shift": 1.0, "parameterization": "x0"},  # build_denoiser
     "loss": {
@@ -256,6 +259,13 @@ def validate(cfg: DictConfig, where: str) -> None:
         if key in cfg and cfg[key] is not None:
             check_keys(cfg[key], conditioner_keys(cls), f"{where}: {key}")
     _check_trainer(cfg, where)
+    if cfg.encoding != ENCODING:
+        raise ConfigError(f"{where}: encoding={cfg.encoding!r}; this medsyn trains on {ENCODING!r} data "
+                          "(the key records the channel convention; it is not a setting)")  # fmt: skip
+    if cfg.lobe_encoding not in LOBE_ENCODINGS:
+        raise ConfigError(
+            f"{where}: lobe_encoding={cfg.lobe_encoding!r}; expected one of {', '.join(LOBE_ENCODINGS)}"
+        )
     if cfg.data.text not in TEXT_MODES:
         raise ConfigError(f"{where}: data.text={cfg.data.text!r}; expected one of {', '.join(TEXT_MODES)}")
     if cfg.data.resolution not in RESOLUTIONS:

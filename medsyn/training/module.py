@@ -6,6 +6,8 @@ The model (denoiser + conditioners) comes from the same builder generation uses
   BERT-family encoder with condition dropout for classifier-free guidance (`text` section);
 - sr: 4-channel high-resolution crops, the upsampled low-resolution volume concatenated to the input
   after noise augmentation, whose level is embedded too (`lowres` section).
+Batches hold the cache's four channels; the network denoises them as the run's `lobe_encoding` says
+(bits: the lobe levels become the three bits of their exact labels here, at batch time).
 
 All randomness of a training step (t, noise, condition dropout, low-resolution augmentation) comes
 from one generator per process whose state is saved in the checkpoint, so a resumed run reaches
@@ -113,7 +115,7 @@ class DiffusionModule(pl.LightningModule):
 
     # ---- training ----------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        x0 = batch["x"]  # (B, 4, *S)
+        x0 = self.model.to_net(batch["x"])  # (B, 4, *S) -> (B, C, *S)
         cond = self.model.condition(batch, train=True, generator=self.generator)
         losses = self.loss_fn(self.denoiser, x0, cond, generator=self.generator)  # (B,)
         loss = losses.mean()
@@ -130,7 +132,7 @@ class DiffusionModule(pl.LightningModule):
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         # the same t, noise and augmentation for a batch at every validation: comparable curves
         gen = torch.Generator(device=self.device).manual_seed(10_007 * (batch_idx + 1) + int(self.seed))
-        x0 = batch["x"]
+        x0 = self.model.to_net(batch["x"])
         cond = self.model.condition(batch, train=False, generator=gen)
         loss = self.loss_fn(self.denoiser, x0, cond, generator=gen).mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
