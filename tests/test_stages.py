@@ -113,6 +113,27 @@ def test_options_are_checked():
         SampleOptions(sampler="euler")
     with pytest.raises(ConfigError, match="sr mode"):
         SampleOptions(sr_mode="tiles")
+    with pytest.raises(ConfigError, match="precision 'fp16'"):
+        SampleOptions(precision="fp16")
+
+
+def test_bf16_sampling_runs_the_networks_in_bf16_and_stays_close_to_float32(runs):
+    from medsyn.generation.stages import synthesize
+
+    base, sr = runs["base"], runs["sr"]
+    seen = []
+    hook = base.model.denoiser.net.conv_out.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        full = synthesize(base, sr, ["Effusion."], [4], SampleOptions(steps=2, sr_steps=2))
+        assert set(seen) == {torch.float32}
+        seen.clear()
+        half = synthesize(base, sr, ["Effusion."], [4], SampleOptions(steps=2, sr_steps=2, precision="bf16"))
+        assert set(seen) == {torch.bfloat16}
+    finally:
+        hook.remove()
+    assert half.dtype == torch.float32 and half.shape == full.shape
+    assert not torch.equal(half, full)
+    assert (half - full).abs().mean() < 0.05  # bf16 keeps ~3 significant digits per network call
 
 
 def load_benchmark():

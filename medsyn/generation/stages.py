@@ -111,12 +111,22 @@ def generate_sr(
     return generate(model, {"lowres": lowres}, seeds, lowres.shape[2:], options=options, **kwargs)
 
 
+PRECISIONS = ("32", "bf16")
+
+
+def autocast(device: torch.device, precision: str):
+    """The networks' autocast context for a sampling `precision` ("32": none)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 @dataclass
 class SampleOptions:
     """How `synthesize` samples; defaults cost about 0.24 PFLOP per 256^3 sample at paper scale.
 
     guidance_interval, guidance_rescale: see `ClassifierFreeGuidance`; lowres_noise: the SR model's
-    noise-augmentation level (None: the level the run was configured to sample at).
+    noise-augmentation level (None: the level the run was configured to sample at); precision: "32", or
+    "bf16" to run the networks under bfloat16 autocast (the sampler's arithmetic stays float32), as
+    `precision: bf16-mixed` trains them: ~1.6x faster on a CPU with AVX-512 BF16, more on a GPU.
     """
 
     steps: int = 25
@@ -132,8 +142,11 @@ class SampleOptions:
     overlap: float = 0.2
     lowres_noise: float | None = None
     batch_size: int = 1
+    precision: str = "32"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"sampler {self.sampler!r}: expected one of {', '.join(SAMPLERS)}")
         if self.sr_mode not in SR_MODES:
@@ -172,20 +185,22 @@ def synthesize(
     """
     factor = base.factor if sr is not None else 1
     hold = (fixed.encoded(factor), fixed.index) if fixed is not None else None
-    x = generate_base(
-        base.model, prompts, seeds, base.grid.shape, steps=options.steps, sampler=options.sampler,
-        grid=options.grid, hold=hold, resample_rounds=options.resample_rounds, callback=callback,
-        **options.guidance_kwargs(),
-    )  # fmt: skip
+    with autocast(base.model.device, options.precision):
+        x = generate_base(
+            base.model, prompts, seeds, base.grid.shape, steps=options.steps, sampler=options.sampler,
+            grid=options.grid, hold=hold, resample_rounds=options.resample_rounds, callback=callback,
+            **options.guidance_kwargs(),
+        ).float()  # fmt: skip
     if sr is None:
         return x.float().cpu()
     lowres = sr.model.conditioners["lowres"].upsample(x, base.factor)  # (B, 4, *S_hr), as the SR run trained
     hold = (fixed.encoded(1), fixed.index) if fixed is not None else None
     window = options.window if options.sr_mode == "window" else None
     sr_seeds = [int(s) + SR_SEED_OFFSET for s in seeds]
-    x = generate_sr(
-        sr.model, lowres, sr_seeds, options.lowres_noise, steps=options.sr_steps, sampler=options.sampler,
-        grid=options.grid, hold=hold, resample_rounds=options.resample_rounds, window=window,
-        overlap=options.overlap, callback=callback,
-    )  # fmt: skip
+    with autocast(sr.model.device, options.precision):
+        x = generate_sr(
+            sr.model, lowres, sr_seeds, options.lowres_noise, steps=options.sr_steps, sampler=options.sampler,
+            grid=options.grid, hold=hold, resample_rounds=options.resample_rounds, window=window,
+            overlap=options.overlap, callback=callback,
+        )  # fmt: skip
     return x.float().cpu()
