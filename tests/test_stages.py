@@ -98,8 +98,10 @@ def test_run_grid_sources(runs, tmp_path):
         "data": {"root": str(tmp_path / "gone"), "phantoms": {"size": 64}, "resolution": "lr"},
         "model": {},
     }
-    hr, _ = run_grid(config)
-    assert hr.shape == (64,) * 3 and hr.spacing == (4.0,) * 3 and hr.source == "data.phantoms"
+    hr, factor = run_grid(config)
+    assert hr.shape == (64,) * 3 and hr.spacing == (4.0,) * 3 and hr.source == "data.phantoms" and factor == 4
+    config["data"]["phantoms"]["lr_factor"] = 8  # a 16 mm base grid under a 2 mm one, as the demo's
+    assert run_grid(config)[1] == 8
     hr, _ = run_grid({"model": {"preset": "base-700m"}, "data": {"resolution": "lr"}})
     assert hr.shape == (256,) * 3 and hr.spacing == (1.0,) * 3
     lr = hr.coarsen(4)

@@ -176,3 +176,19 @@ def test_ddp_two_processes_over_gloo(assets, tmp_path):
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2
     assert load_file(run_dir / "model.safetensors")
+
+
+def test_phantom_data_takes_its_lr_factor_from_the_config(tmp_path):
+    from omegaconf import OmegaConf
+
+    from medsyn.data.cache import read_cache_manifest
+    from medsyn.errors import ConfigError
+    from medsyn.training.run import ensure_data
+
+    spec = {"n": 2, "size": 16, "seed": 0, "out": str(tmp_path / "phantoms"), "lr_factor": 8}
+    cfg = OmegaConf.create({"data": {"root": str(tmp_path / "cache"), "phantoms": spec}})
+    rows = read_cache_manifest(ensure_data(cfg))
+    assert len(rows) == 2 and {(r["size"], r["lr_size"]) for r in rows} == {("16", "2")}
+    bad = OmegaConf.create({"data": {"root": str(tmp_path / "other"), "phantoms": {**spec, "lr_factor": 3}}})
+    with pytest.raises(ConfigError, match="lr_factor=3"):
+        ensure_data(bad)

@@ -78,7 +78,7 @@ def run_grid(config: dict) -> tuple[Grid, int]:
 
     1. `config["grid"]` ({size, spacing_mm, lr_factor}) when a run records it;
     2. the manifest of the cache at `data.root` (the spacing the run was really trained at);
-    3. `data.phantoms` ({size, spacing_mm}) when the run generated its own phantom data;
+    3. `data.phantoms` ({size, spacing_mm, lr_factor}) when the run generated its own phantom data;
     4. paper scale: the preset's size at 1 mm, times 4 for a model of the low-resolution grid.
     """
     data = config.get("data") or {}
@@ -97,7 +97,8 @@ def run_grid(config: dict) -> tuple[Grid, int]:
         size = int(phantoms["size"])
         spacing = float(phantoms.get("spacing_mm") or 256.0 / size)
         shape = (size,) * 3
-        return Grid(shape, (spacing,) * 3, spacing_affine(spacing, shape), "data.phantoms"), LR_FACTOR
+        factor = int(phantoms.get("lr_factor") or LR_FACTOR)
+        return Grid(shape, (spacing,) * 3, spacing_affine(spacing, shape), "data.phantoms"), factor
     from medsyn.nn.presets import DEFAULT_SIZE
 
     preset = (config.get("model") or {}).get("preset", "")

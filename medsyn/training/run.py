@@ -55,7 +55,7 @@ def ensure_data(cfg: DictConfig) -> Path:
     from medsyn.data.preprocess import PreprocessConfig
 
     spec = to_container(cfg.data.phantoms)
-    allowed = {"n", "size", "spacing_mm", "seed", "out", "workers"}
+    allowed = {"n", "size", "spacing_mm", "seed", "out", "workers", "lr_factor"}
     unknown = set(spec) - allowed
     if unknown:
         raise ConfigError(
@@ -65,12 +65,16 @@ def ensure_data(cfg: DictConfig) -> Path:
     spacing = float(spec.get("spacing_mm", 256.0 / size))
     source = Path(spec.get("out") or root.parent / "phantoms")
     workers = int(spec.get("workers", 1))
+    lr_factor = int(spec.get("lr_factor", 4))
+    if lr_factor < 1 or size % lr_factor:
+        raise ConfigError(f"data.phantoms.lr_factor={lr_factor}: expected a positive divisor of size={size}")
     if not (source / "manifest.csv").is_file():
         print(f"medsyn: generating {spec.get('n', 32)} phantoms of {size}^3 at {spacing:g} mm in {source}")
         write_dataset(source, n=int(spec.get("n", 32)), size=size, spacing_mm=spacing, seed=int(spec.get("seed", 0)),
                       workers=workers)  # fmt: skip
     print(f"medsyn: preparing the cache in {root}")
-    options = PrepareOptions(preprocess=PreprocessConfig(size=size, spacing_mm=spacing), workers=workers)
+    options = PrepareOptions(preprocess=PreprocessConfig(size=size, spacing_mm=spacing), workers=workers,
+                             lr_factor=lr_factor)  # fmt: skip
     result = prepare(source / "manifest.csv", root, options)
     if result.all_failed:
         raise DataError(f"{root}: no phantom could be prepared; see {root / 'failed.csv'}")
