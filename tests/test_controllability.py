@@ -45,7 +45,8 @@ def test_paired_test_uses_the_shared_seeds():
     a = base + rng.normal(0.0, 0.1, 10)
     b = base + 0.5 + rng.normal(0.0, 0.1, 10)
     st = pair_statistics(a, b, "greater")
-    assert st["p"] > 0.3 and st["p_paired"] < 1e-5 and st["n_paired"] == 10
+    assert st["p"] > 0.3 and st["p_paired"] < 1e-5 and st["n_paired"] == 10 and st["seeds_in_direction"] == 10
+    assert pair_statistics(a, b, "less")["seeds_in_direction"] == 0
     shuffled = pair_statistics(a, b[::-1], "greater")  # the same values, pairing broken
     assert shuffled["p"] == pytest.approx(st["p"]) and shuffled["p_paired"] > 0.01
 
@@ -228,7 +229,7 @@ def test_command_end_to_end_and_rerun_reuses_samples(runs, tmp_path, capsys):
     assert [m["measure"] for m in heart["measures"]] == ["ctr", "lung_ml"]
     lung = heart["measures"][1]
     keys = {"measure", "direction", "values", "mean_a", "sd_a", "mean_b", "sd_b", "effect", "in_direction",
-            "t", "p", "p_note", "t_paired", "p_paired", "p_paired_note", "n_paired", "significant"}  # fmt: skip
+            "t", "p", "p_note", "t_paired", "p_paired", "p_paired_note", "n_paired", "seeds_in_direction", "significant"}  # fmt: skip
     assert keys <= set(lung) and lung["direction"] == "less"
     assert [v["seed"] for v in lung["values"]["b"]] == [5, 6]
     sample = lung["values"]["a"][1]["sample"]

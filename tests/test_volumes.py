@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from training_fixtures import make_cache
 
+from medsyn.data.channels import decode_volume
 from medsyn.data.nifti import load_nifti, save_nifti, spacing_affine
 from medsyn.data.phantom import generate_phantom, save_phantom, write_dataset
 from medsyn.errors import DataError
@@ -66,6 +67,14 @@ def test_cache_gives_decoded_volumes_and_splits(tmp_path):
     assert len(train) + len(val) == 4 and train and val
     with pytest.raises(DataError, match="no subjects in split 'test'"):
         find_volumes(cache, split="test")
+    ref = find_volumes(cache, grid="lr")[0]  # the base model's grid
+    base = load_volume(ref)
+    assert ref.cached.name == "lr.npy" and base.hu.shape == (4, 4, 4)
+    np.testing.assert_allclose(
+        base.hu, decode_volume(np.asarray(np.load(ref.cached), np.float32))["ct"], atol=0.5
+    )
+    with pytest.raises(DataError, match="cache grid 'mid'"):
+        find_volumes(cache, grid="mid")
 
 
 def test_folder_of_nifti_files(tmp_path):

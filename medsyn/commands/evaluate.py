@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--train-split", choices=["train", "val", "test"], help="split of a prepared cache to use as --train"
     )
+    parser.add_argument("--cache-grid", choices=["hr", "lr"], default="hr",
+                        help="grid of a prepared cache given as --real/--train: hr (default), or lr, the base "
+                             "model's grid, to evaluate base-only samples")  # fmt: skip
     parser.add_argument("--out", required=True, help="output folder for metrics.json, report.md and plots")
     parser.add_argument("--features", help="MedicalNet-style 3D ResNet weights (.pth/.pt/.safetensors); "
                                            "default: a fixed random network, labelled as such")  # fmt: skip
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     options = EvaluateOptions(
         backend=args.backend, features=args.features, features_2d=args.features_2d, voxel_size=args.voxel_size,
         feature_size=args.feature_size, slices_per_plane=args.slices_per_plane,
-        percentile=args.percentile, workers=args.workers, device=args.device,
+        percentile=args.percentile, workers=args.workers, device=args.device, cache_grid=args.cache_grid,
     )  # fmt: skip
     began = time.perf_counter()
     result = evaluate(args.samples, args.real, args.train, options, args.real_split, args.train_split)

@@ -340,6 +340,8 @@ def pair_statistics(
     pa, pb = pa[both], pb[both]
     out["n_paired"] = int(both.sum())
     d = pb - pa
+    # seeds whose pair moved the prompted way: the sign test a reader can check by eye
+    out["seeds_in_direction"] = int((d > 0).sum() if direction == "greater" else (d < 0).sum())
     if len(d) > 1 and np.ptp(d) == 0:
         paired = {"t": None, "p": None, "note": f"paired: every difference b - a is {d[0]:g}; the paired "
                                                 "t-test is undefined"}  # fmt: skip
@@ -514,8 +516,9 @@ def render_report(result: Mapping[str, Any]) -> str:
         "Welch two-sample t-test in the prompted direction (as the paper); paired p: one-tailed paired t-test "
         f"over the shared seeds. p < {result['alpha']:g} is the bar the project uses.",
         "",
-        "| pair | measure | expected | A mean ± sd | B mean ± sd | effect (B − A) | p | paired p | in direction |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| pair | measure | expected | A mean ± sd | B mean ± sd | effect (B − A) | p | paired p | seeds in "
+        "direction | in direction |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     notes = []
     for pair in result["pairs"]:
@@ -524,7 +527,8 @@ def render_report(result: Mapping[str, Any]) -> str:
             lines.append(
                 f"| {pair['name']} | {m['measure']} | {expected} | {_num(m['mean_a'])} ± {_num(m['sd_a'])} | "
                 f"{_num(m['mean_b'])} ± {_num(m['sd_b'])} | {_num(m['effect'])} | {_p(m['p'])} | "
-                f"{_p(m['p_paired'])} | {'yes' if m['in_direction'] else 'no'} |"
+                f"{_p(m['p_paired'])} | {m.get('seeds_in_direction', '')} of {m['n_paired']} | "
+                f"{'yes' if m['in_direction'] else 'no'} |"
             )
             notes += [
                 f"- {pair['name']}, {m['measure']}: {note}"

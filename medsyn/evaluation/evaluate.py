@@ -53,6 +53,7 @@ class EvaluateOptions:
     workers: int = 1
     device: str = "cpu"
     progress: bool | None = None  # tqdm bar (None: on a terminal)
+    cache_grid: str = "hr"  # which stack of a prepared cache --real / --train read: hr, or lr (the base grid)
 
 
 @dataclass
@@ -257,9 +258,11 @@ def evaluate(
         raise DataError(f"--workers {options.workers}: expected a positive number of processes")
     sources = {
         "samples": find_volumes(samples),
-        "real": find_volumes(real, real_split),
+        "real": find_volumes(real, real_split, options.cache_grid),
         "train": find_volumes(
-            train if train is not None else real, train_split if train is not None else real_split
+            train if train is not None else real,
+            train_split if train is not None else real_split,
+            options.cache_grid,
         ),
     }
     for role, refs in sources.items():
@@ -337,6 +340,7 @@ def evaluate(
             "train_is_real": train is None,
             "real_split": real_split,
             "train_split": train_split,
+            "cache_grid": options.cache_grid,
             "backend": options.backend,
             "voxel_size": options.voxel_size,
             "percentile": options.percentile,

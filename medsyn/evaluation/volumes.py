@@ -4,7 +4,8 @@ A source is one of:
 - a sample folder written by sample.py: `OUT/<index>/ct.nii.gz` (+ masks, meta.json with the prompt);
 - a phantom folder or any generic manifest: `manifest.csv` with `id, ct[, lobes, airway, vessels]`
   columns, paths relative to the manifest (phantom subjects also carry `truth.json`);
-- a prepared cache: `manifest.csv` with `id, hr, ..., split` (the 4-channel hr.npy arrays);
+- a prepared cache: `manifest.csv` with `id, hr, lr, ..., split` (the 4-channel hr.npy arrays, or with
+  `grid="lr"` the base-grid lr.npy ones, to compare a base model's samples with what it learned from);
 - a folder of NIfTI CT files (`*.nii`, `*.nii.gz`), one volume each, with no masks;
 - a manifest file given directly (either kind of manifest.csv).
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medsyn.data.cache import META_FILE, SPLITS, encoding_problem, load_array
+from medsyn.data.cache import LR_FILE, META_FILE, SPLITS, encoding_problem, load_array
 from medsyn.data.channels import CHANNELS, MASK_CHANNELS, decode_volume
 from medsyn.data.nifti import load_nifti, spacing_affine
 from medsyn.errors import DataError
@@ -78,7 +79,7 @@ def _report(row: dict) -> str | None:
     return " ".join(parts) or None
 
 
-def _from_manifest(path: Path, split: str | None) -> list[VolumeRef]:
+def _from_manifest(path: Path, split: str | None, grid: str = "hr") -> list[VolumeRef]:
     rows = _read_csv(path)
     root = path.parent
     if not rows:
@@ -98,7 +99,9 @@ def _from_manifest(path: Path, split: str | None) -> list[VolumeRef]:
     for row in rows:
         prompt = _report(row)
         if "hr" in columns:
-            refs.append(VolumeRef(row["id"], str(root / row["hr"]), cached=root / row["hr"], prompt=prompt))
+            if grid not in columns:
+                raise DataError(f"{path}: no `{grid}` column for the cache grid {grid!r}")
+            refs.append(VolumeRef(row["id"], str(root / row[grid]), cached=root / row[grid], prompt=prompt))
             continue
         ct = root / row["ct"]
         masks = {c: root / row[c] for c in MASK_CHANNELS if row.get(c)}
@@ -124,22 +127,28 @@ def _sort_key(name: str) -> tuple:
     return (0, int(name), "") if name.isdigit() else (1, 0, name)
 
 
-def find_volumes(path: str | os.PathLike, split: str | None = None) -> list[VolumeRef]:
+CACHE_GRIDS = ("hr", "lr")
+
+
+def find_volumes(path: str | os.PathLike, split: str | None = None, grid: str = "hr") -> list[VolumeRef]:
     """The volumes at `path` (see the module docstring), in a stable order.
 
-    `split` (train/val/test) keeps only that split of a prepared cache.
+    `split` (train/val/test) keeps only that split of a prepared cache; `grid` picks a cache's
+    high-resolution stack ("hr") or its base grid ("lr").
     """
     path = Path(path)
     if split is not None and split not in SPLITS:
         raise DataError(f"split {split!r}: expected one of {list(SPLITS)}")
+    if grid not in CACHE_GRIDS:
+        raise DataError(f"cache grid {grid!r}: expected one of {list(CACHE_GRIDS)}")
     if path.is_file():
         if path.suffix != ".csv":
             raise DataError(f"{path}: expected a folder or a manifest.csv")
-        return _from_manifest(path, split)
+        return _from_manifest(path, split, grid)
     if not path.is_dir():
         raise DataError(f"{path}: no such folder or manifest")
     if (path / "manifest.csv").is_file():
-        return _from_manifest(path / "manifest.csv", split)
+        return _from_manifest(path / "manifest.csv", split, grid)
     if split is not None:
         raise DataError(
             f"{path}: --split {split} applies to a prepared cache; this folder has no manifest.csv"
@@ -159,10 +168,10 @@ def find_volumes(path: str | os.PathLike, split: str | None = None) -> list[Volu
 
 
 def _cache_affine(cached: Path, shape: tuple[int, ...]) -> np.ndarray:
-    """The hr grid's affine from the subject's meta.json (a 1 mm grid centred at 0 if absent)."""
+    """The array's grid affine from the subject's meta.json (a 1 mm grid centred at 0 if absent)."""
     try:
         meta = json.loads((cached.parent / META_FILE).read_text(encoding="utf-8"))
-        affine = np.asarray(meta["affine"], float)
+        affine = np.asarray(meta["lr_affine" if cached.name == LR_FILE else "affine"], float)
         if affine.shape == (4, 4):
             return affine
     except (OSError, ValueError, KeyError, TypeError):
