@@ -130,3 +130,17 @@ def test_mask_keys_and_json():
     assert set(LOBE_NAMES.values()) == set(m["lobe_ml"])
     assert set(MEASURES) <= set(m) | {k for k in UNITS if k.startswith("mask_") or k.endswith("_dice")}
     assert set(MEASURES) <= set(UNITS)
+
+
+@pytest.mark.parametrize("name", ["normal", "large_left_cardiomegaly", "large_bilateral_cardiomegaly"])
+def test_effusion_on_the_8mm_base_grid(name):
+    """The base model's grid (32^3 block means of a 2 mm phantom): before the coarse-grid opening, the chest
+    wall's partial volume with lung read as 80-740 mL of fluid in normal chests."""
+    from medsyn.data.channels import decode_ct, downsample, encode_ct
+    from medsyn.data.nifti import spacing_affine
+
+    phantom = generate_phantom(size=128, seed=[7, 1], params=CASES[name])
+    hu = decode_ct(downsample(encode_ct(phantom.ct.astype(np.float32))[None], 4, ["ct"])[0])
+    m = measure_volume(hu, spacing_affine(8.0, hu.shape), {})
+    truth = phantom.truth["effusion_ml"]
+    assert abs(m["effusion_ml"] - truth) <= max(60.0, 0.25 * truth), (m["effusion_ml"], truth)

@@ -41,6 +41,9 @@ class ThoraxParams:
     # lung contact (voxels) per fluid voxel, per mm of voxel size: a fluid layer touches lung over its whole
     # extent, so contact / volume in voxels goes as voxel size / thickness (0.005: layers up to 200 mm)
     lung_contact_per_mm: float = 0.005
+    # on voxels coarser than this (mm) the chest wall's partial volume with lung reads as a water-density
+    # layer over every lung surface (a litre at 8 mm): fluid thinner than two voxels is dropped (an opening)
+    coarse_voxel_mm: float = 5.0
     blood_range: tuple[float, float] = (37.0, 51.0)  # blood (about 40-45 HU), between spleen and liver
     blood_sigma_mm: float = 5.0
     heart_open_mm: float = 10.0  # wider than the SVC and pulmonary arteries, narrower than the heart
@@ -91,7 +94,8 @@ def pleural_fluid(
 ) -> np.ndarray:
     """Pleural effusion: water-density components touching aerated or atelectatic lung (bool).
 
-    Voxels within `airway_wall_mm` of the `airway` lumen (its water-density wall) are not fluid.
+    Voxels within `airway_wall_mm` of the `airway` lumen (its water-density wall) are not fluid; on grids
+    coarser than `coarse_voxel_mm`, neither are layers thinner than two voxels (chest-wall partial volume).
     """
     params = params or ThoraxParams()
     mean = water_mean(hu, spacing, params, params.water_sigma_mm)
@@ -109,6 +113,8 @@ def pleural_fluid(
     )
     keep[0] = False
     fluid = keep[labels]
+    if voxel_mm > params.coarse_voxel_mm:
+        fluid = ndimage.binary_opening(fluid, structure=ndimage.generate_binary_structure(3, 1))
     if airway.any():  # the bronchial wall is water-dense and touches lung: never fluid (judged after the
         # contact test, since bronchi cut off by an effusion end at its surface, where its lung contact is)
         wall = max(params.airway_wall_mm, 1.01 * float(spacing.max()))
