@@ -42,6 +42,19 @@ def test_lungs_drop_specks_and_fill_enclosed_background():
     np.testing.assert_array_equal(lungs(mask), expected)
 
 
+def test_a_shell_of_labels_along_the_skin_is_not_a_lung():
+    """Bug: the 128^3 demo samples kept a 1-voxel ring of lobe labels along the skin as a third 'lung'."""
+    phantom = generate_phantom(size=48, seed=5)
+    body = np.stack([ndimage.binary_fill_holes(s) for s in np.moveaxis(phantom.ct > -500, 2, 0)], axis=2)
+    skin = body & ~ndimage.binary_erosion(body, structure=np.ones((3, 3, 1), bool))  # the outline, per slice
+    labels = phantom.lobes.copy()
+    labels[skin & (labels == 0)] = 3
+    assert (skin & (labels == 3)).sum() > 0.2 * (phantom.lobes > 0).sum()  # as big as a lung
+    out = clean(labels)
+    assert not out[skin & (phantom.lobes == 0)].any()
+    assert (out[phantom.lobes > 0] == phantom.lobes[phantom.lobes > 0]).mean() > 0.95
+
+
 def test_right_lung_by_the_labels_of_each_component_and_split_where_they_touch():
     labels = two_lungs()
     labels[5, 10, 10] = 4  # a wrong-side voxel is outvoted by its lung

@@ -5,7 +5,8 @@ border between two labels passes through the labels between them (a ring of anot
 a sheet along a fissure), and noise leaves specks of one lobe inside another and of lung in the
 background. `clean_lobes` removes them with what is known of lungs:
 - the lungs are the non-background voxels; a component smaller than `min_lung` of the largest is a speck
-  (background again), and background enclosed by lung is lung;
+  (background again), and so is a sheet or shell that a 1-voxel erosion all but removes (generated
+  volumes draw such a ring of labels along the skin); background enclosed by lung is lung;
 - each lung component is the patient's left or right lung by the side its labels mostly name; one that
   holds both (touching lungs) is split at the sagittal plane that best separates its left and right
   labels (RAS: axis 0 points to the patient's right, so the left lung lies at smaller x), and what the
@@ -27,6 +28,7 @@ from scipy import ndimage
 LEFT_LOBES = (1, 2)  # left upper, left lower
 RIGHT_LOBES = (3, 4, 5)  # right upper, right middle, right lower
 MIN_LUNG = 1e-2  # lung components below this fraction of the largest one are specks
+MIN_CORE = 0.2  # a lung keeps at least this fraction of its voxels under a 1-voxel erosion; a shell does not
 MIXED = 0.2  # a component whose smaller side holds more than this fraction of its labels is both lungs
 _CONN = ndimage.generate_binary_structure(3, 1)  # 6-connectivity, as the threshold segmenter's
 
@@ -42,7 +44,10 @@ def lungs(nonzero: np.ndarray, min_lung: float = MIN_LUNG) -> np.ndarray:
         return nonzero.copy()
     sizes = np.bincount(comp.ravel())
     sizes[0] = 0
-    lung = (sizes >= min_lung * sizes.max())[comp]
+    core = np.bincount(comp[ndimage.binary_erosion(nonzero, _CONN)], minlength=n + 1)
+    keep = (sizes >= min_lung * sizes.max()) & (core >= MIN_CORE * sizes)
+    keep[0] = False
+    lung = keep[comp]
     outside, _ = ndimage.label(~lung, _CONN)
     faces = [outside[(slice(None),) * a + (end,)] for a in range(lung.ndim) for end in (0, -1)]
     enclosed = np.ones(outside.max() + 1, bool)
