@@ -92,7 +92,7 @@ def test_prepared_channels_use_the_hu_window():
         {"ct": hu, "lobes": np.array([0, 1, 2, 3, 5]), "airway": np.ones(5), "vessels": np.zeros(5)}
     )
     assert stack.shape == (4, 5) and stack.dtype == np.float32
-    np.testing.assert_allclose(stack[1], [-1.0, -0.6, -0.2, 0.2, 1.0], atol=1e-6)
+    np.testing.assert_allclose(stack[1], [0.0, -0.5, -1.0, 1 / 3, 1.0], atol=1e-6)  # LOBE_LEVELS
     assert (stack[2] == 1).all() and (stack[3] == -1).all()
 
 
