@@ -103,4 +103,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from medsyn.errors import MedsynError
+
+    try:
+        main()
+    except MedsynError as err:  # bad input: one line, no traceback
+        raise SystemExit(f"anatomy.py: error: {err}") from None
