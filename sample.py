@@ -18,6 +18,8 @@ from medsyn.errors import DataError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from medsyn.diffusion import SAMPLERS, TIME_GRIDS
+
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__.splitlines()[0])
     p.add_argument("--base", required=True, help="base run directory (model.safetensors, config.yaml)")
     p.add_argument("--sr", help="super-resolution run directory; without it the base volume is written")
@@ -32,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=25, help="base sampler steps")
     p.add_argument("--sr-steps", type=int, default=10, help="SR sampler steps")
-    p.add_argument("--sampler", default="dpmpp-2m", choices=["ancestral", "ddim", "dpmpp-2m"])
+    p.add_argument("--sampler", default="dpmpp-2m", choices=list(SAMPLERS),
+                   help="ODE/SDE solver (default dpmpp-2m; euler/heun suit rectified-flow models)")  # fmt: skip
+    p.add_argument("--grid", default=None, choices=list(TIME_GRIDS),
+                   help="time grid (default: the model's schedule's: logsnr for cosine, uniform for rectified flow)")  # fmt: skip
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
                    help="guide only for diffusion times t in [LOW, HIGH] (default: 0 1, everywhere)")  # fmt: skip
@@ -128,6 +133,7 @@ def main(args: argparse.Namespace) -> int:
         guidance_interval=tuple(args.guidance_interval), guidance_rescale=args.guidance_rescale,
         resample_rounds=args.resample_rounds, sr_mode=args.sr_mode, window=args.window,
         overlap=args.overlap, lowres_noise=args.sr_noise, batch_size=args.batch_size, precision=args.precision,
+        grid=args.grid,
     )  # fmt: skip
     raw = read_fixed(parse_fix(args.fix))  # bad files fail here, before any model loads
     hf_logging.disable_progress_bar()

@@ -106,6 +106,29 @@ def test_bits_runs_train_export_preview_and_sample_lobe_labels(assets, tmp_path)
     assert set(np.unique(np.asarray(lobes.dataobj))) <= set(range(6))
 
 
+def test_rectified_flow_runs_train_with_the_velocity_target_and_sample_with_heun(assets, tmp_path):
+    extra = {"diffusion.schedule": "rectified-flow", "diffusion.parameterization": "flow",
+             "loss.time_sampling": "logit-normal", "trainer.max_steps": 2, "preview.every_n_steps": 2,
+             "preview.steps": 2, "preview.seeds": "[0]"}  # fmt: skip
+    base, sr = run(assets, tmp_path / "base", **extra), run(assets, tmp_path / "sr", stage="sr", **extra)
+    for run_dir in (base, sr):
+        _, config = load_weights(run_dir / "model.safetensors")
+        assert (
+            config["diffusion"]["schedule"] == "rectified-flow"
+            and config["diffusion"]["parameterization"] == "flow"
+        )
+        assert (run_dir / "previews" / "step_0000002.png").is_file()  # previews sample on the uniform grid
+    out = tmp_path / "samples"
+    assert (
+        run_sample(
+            "--base", base, "--sr", sr, "--prompt", "Normal.", "--out", out, "--sampler", "heun", *FAST
+        )
+        == 0
+    )
+    ct = np.asarray(nib.load(out / "0" / "ct.nii.gz").dataobj)
+    assert ct.shape == (32,) * 3 and np.isfinite(ct).all()
+
+
 def _net_state(path: Path) -> dict[str, torch.Tensor]:
     ckpt = torch.load(path, weights_only=True)
     return {**ckpt["state_dict"], **{f"ema.{k}": v for k, v in ckpt["medsyn_ema"].items()}}

@@ -1,7 +1,8 @@
 """The one interface between a network and the diffusion process: `denoise(x_t, t, **cond) -> x0`.
 
 The network knows nothing about the schedule: it sees the noisy input and t in [0, 1] and predicts x0,
-eps or v (Salimans & Ho, "Progressive Distillation", 2022). `Denoiser` turns that prediction into x0
+eps, v (Salimans & Ho, "Progressive Distillation", 2022) or the flow velocity eps - x0 (the rectified
+flow's d x_t / dt, Liu et al. 2022; defined and invertible for any schedule). `Denoiser` turns that prediction into x0
 for samplers, and gives the loss the raw prediction and its regression target.
 """
 
@@ -14,7 +15,7 @@ from torch import nn
 
 from medsyn.diffusion.schedule import Schedule, append_dims, build_schedule
 
-PARAMETERIZATIONS: tuple[str, ...] = ("x0", "eps", "v")
+PARAMETERIZATIONS: tuple[str, ...] = ("x0", "eps", "v", "flow")
 
 
 def check_parameterization(name: str) -> str:
@@ -34,6 +35,8 @@ def target_from(
         return x0
     if parameterization == "eps":
         return noise
+    if parameterization == "flow":
+        return noise - x0
     return alpha * noise - sigma * x0  # v
 
 
@@ -50,7 +53,11 @@ def x0_from(
         return out
     if parameterization == "eps":
         return (x_t - sigma * out) / alpha.clamp(min=alpha_min)
-    return alpha * x_t - sigma * out  # v
+    if parameterization == "flow":  # x_t = alpha x0 + sigma (out + x0)
+        return (x_t - sigma * out) / (alpha + sigma)
+    return (alpha * x_t - sigma * out) / (
+        alpha**2 + sigma**2
+    )  # v; the denominator is 1 when variance preserving
 
 
 def from_x0(
@@ -69,7 +76,7 @@ def from_x0(
 
 
 class Denoiser(nn.Module):
-    """Wrap a network predicting x0, eps or v into an x0-denoiser.
+    """Wrap a network predicting x0, eps, v or flow into an x0-denoiser.
 
     `net(x_t, t, **cond)` takes x_t (B, C, ...) and t (B,) in [0, 1] and returns a tensor shaped
     like x_t. `alpha_min` bounds the division by alpha in the eps parameterisation near t = 1.

@@ -15,7 +15,7 @@ import torch
 from medsyn.diffusion.denoiser import Denoiser, check_parameterization, from_x0
 from medsyn.diffusion.schedule import append_dims
 
-TIME_SAMPLINGS: tuple[str, ...] = ("uniform", "stratified")
+TIME_SAMPLINGS: tuple[str, ...] = ("uniform", "stratified", "logit-normal")
 
 
 def sample_times(
@@ -25,13 +25,17 @@ def sample_times(
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Training times t (B,) in [0, 1): i.i.d. uniform, or "stratified" (low-discrepancy, VDM): one
-    uniform offset u shared by the batch, t_i = (u + i / B) mod 1, which lowers the loss variance."""
+    uniform offset u shared by the batch, t_i = (u + i / B) mod 1, which lowers the loss variance; or
+    "logit-normal" (SD3's choice for rectified flow, Esser et al. 2024): t = sigmoid(n), n ~ N(0, 1),
+    which trains the middle of the path most, drawn stratified too (n = probit of the stratified u)."""
     gen_device = generator.device if generator is not None else device
     if kind == "uniform":
         t = torch.rand(batch, generator=generator, device=gen_device, dtype=torch.float64)
-    elif kind == "stratified":
+    elif kind in ("stratified", "logit-normal"):
         u = torch.rand((), generator=generator, device=gen_device, dtype=torch.float64)
         t = torch.remainder(u + torch.arange(batch, device=gen_device, dtype=torch.float64) / batch, 1.0)
+        if kind == "logit-normal":
+            t = torch.sigmoid(torch.special.ndtri(t.clamp(1e-12, 1.0 - 1e-12)))
     else:
         raise ValueError(f"unknown time sampling {kind!r}; valid: {', '.join(TIME_SAMPLINGS)}")
     return t.to(device=device, dtype=torch.float32)

@@ -43,7 +43,7 @@ def generate(
     guidance: float = 3.0,
     guidance_interval: tuple[float, float] = (0.0, 1.0),
     guidance_rescale: float = 0.0,
-    grid: str = "logsnr",
+    grid: str | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
     hold: Hold | None = None,
     resample_rounds: int = 0,
@@ -135,7 +135,7 @@ class SampleOptions:
     guidance: float = 3.0
     guidance_interval: tuple[float, float] = (0.0, 1.0)
     guidance_rescale: float = 0.0
-    grid: str = "logsnr"
+    grid: str | None = None  # the time grid: None, each model's schedule's default (see `time_grid`)
     resample_rounds: int = 0
     sr_mode: str = "full"
     window: int = 144
