@@ -175,12 +175,24 @@ def test_sampling_benchmark_on_tiny_trained_runs(tmp_path):
                 "ema.decay": 0.9, **({"text.model": bert} if stage == "base" else {"data.crop_size": 8})}  # fmt: skip
         runs[stage] = train(load_run_config(stage, None, [f"{k}={v}" for k, v in over.items()]))
     bench = load_benchmark()
+    out = tmp_path / "sweep"
+    report = bench.main(["sweep", "--base", f"tiny={runs['base']}", "--cache", str(cache), "--split", "train",
+                         "--samplers", "dpmpp-2m", "heun", "--steps", "2", "--reference", "4", "--num-samples", "3",
+                         "--batch-size", "3", "--pairs", "cardiomegaly", "--pair-n", "2", "--precision", "32",
+                         "--sr", str(runs["sr"]), "--sr-cache", str(cache), "--sr-steps", "1", "--sr-reference", "2",
+                         "--sr-samples", "2", "--out", str(out)])  # fmt: skip
+    rows = report["runs"]["tiny"]["rows"]
+    assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [
+        ("dpmpp-2m", 4, 4),
+        ("dpmpp-2m", 2, 2),
+        ("heun", 2, 3),
+    ]
+    assert report["measures"] and all(
+        np.isfinite(d["w"]) and d["se"] >= 0 for r in rows for d in r["distances"].values()
+    )
+    assert "controllability" in rows[0] and [r["steps"] for r in report["sr"]["rows"]] == [2, 1]
+    assert report["cost"]["default_pflop"] <= 0.3 and (out / "sweep.json").is_file()
     common = ["--base", str(runs["base"]), "--sr", str(runs["sr"]), "--cache", str(cache)]
-    report = bench.main(["compare", *common, "--steps", "2", "4", "--num-samples", "2", "--sr-steps", "2",
-                         "--json", str(tmp_path / "r.json")])  # fmt: skip
-    assert set(report["distance"]) == {"ancestral", "ddim", "dpmpp-2m"}
-    assert all(np.isfinite(d) for by in report["distance"].values() for d in by.values())
-    assert report["pflop"]["full"] <= 0.3 and (tmp_path / "r.json").is_file()
     seg = bench.main(["segment", *common, "--num-subjects", "1", "--steps", "2"])
     assert 0.0 <= seg["lobes"] <= 1.0 and 0.0 <= seg["airway"] <= 1.0
 
