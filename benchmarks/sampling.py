@@ -85,31 +85,49 @@ def cmd_flops(args: argparse.Namespace) -> dict:
 
 
 # ---- memory ----------------------------------------------------------------------------------------
+SR_MEMORY_TARGET = 1 / 3  # issue 14: windowed SR at 256^3 peaks at most a third of the full-volume SR
+
+
 def _memory_child(args: argparse.Namespace) -> None:
-    """One SR step at `size`^3 with a random `preset` model; prints peak RSS (GB) and seconds as JSON."""
+    """One SR sampling run (`sr_steps` steps) at `size`^3 with a random `preset` model, on the full volume
+    (`--child full`) or by windows; prints peak RSS (GiB), the RSS before sampling and seconds as JSON."""
     from medsyn.generation.model import build_diffusion_model
     from medsyn.generation.stages import generate_sr
 
     model = build_diffusion_model({"model": {"preset": args.preset}, "lowres": {}}).eval()
     lowres = torch.zeros(1, 4, *(args.size,) * 3)
+    window = args.window if args.child == "windowed" else None
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     start = time.perf_counter()
-    generate_sr(model, lowres, [0], steps=args.sr_steps, window=args.window, overlap=args.overlap)
+    generate_sr(model, lowres, [0], steps=args.sr_steps, window=window, overlap=args.overlap)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps({"peak_gb": peak, "before_gb": before, "seconds": time.perf_counter() - start}))
 
 
 def cmd_memory(args: argparse.Namespace) -> dict:
-    report = {}
-    for mode, window in (("full", None), ("window", args.window)):
-        cmd = [sys.executable, __file__, "memory", "--child", "--size", str(args.size), "--preset", args.preset,
-               "--sr-steps", str(args.sr_steps), "--overlap", str(args.overlap)]  # fmt: skip
-        cmd += ["--window", str(window)] if window else []
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        report[mode] = json.loads(out)
-        print(f"SR {mode:6s} {args.preset} {args.size}^3 {f'window {window} overlap {args.overlap} ' if window else ''}"
-              f"{args.sr_steps} step(s): peak RSS {report[mode]['peak_gb']:.2f} GB "
-              f"({report[mode]['before_gb']:.2f} GB before sampling), {report[mode]['seconds']:.0f} s")  # fmt: skip
+    """Peak RSS of SR sampling on the full volume and by windows, each in a fresh process, and their ratio
+    against `SR_MEMORY_TARGET`."""
+    report: dict[str, Any] = {"benchmark": "sr_memory", "preset": args.preset, "size": args.size,
+                              "window_size": args.window, "overlap": args.overlap, "sr_steps": args.sr_steps}  # fmt: skip
+    places = {"full": "the full volume", "windowed": f"windows of {args.window}^3 (overlap {args.overlap})"}
+    for mode, place in places.items():
+        cmd = [sys.executable, __file__, "memory", "--child", mode, "--size", str(args.size), "--preset",
+               args.preset, "--sr-steps", str(args.sr_steps), "--window", str(args.window), "--overlap",
+               str(args.overlap)]  # fmt: skip
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:  # e.g. killed for memory (-9): say so in one line
+            last = (run.stderr.strip().splitlines() or [f"exit status {run.returncode}"])[-1]
+            raise SystemExit(f"memory: the {mode} SR child failed ({last}); command: {' '.join(cmd)}")
+        report[mode] = json.loads(run.stdout.strip().splitlines()[-1])
+        print(f"SR {mode:8s} {args.preset} {args.size}^3 on {place}, {args.sr_steps} step(s): peak RSS "
+              f"{report[mode]['peak_gb']:.2f} GiB ({report[mode]['before_gb']:.2f} GiB before sampling), "
+              f"{report[mode]['seconds']:.0f} s", flush=True)  # fmt: skip
+    report["ratio"] = report["windowed"]["peak_gb"] / report["full"]["peak_gb"]
+    report["target"] = SR_MEMORY_TARGET
+    report["meets_target"] = report["ratio"] <= SR_MEMORY_TARGET
+    print(f"windowed / full peak RSS: {report['windowed']['peak_gb']:.2f} / {report['full']['peak_gb']:.2f} GiB = "
+          f"{report['ratio']:.3f}: {'meets' if report['meets_target'] else 'misses'} the target <= 1/3")  # fmt: skip
+    print(json.dumps(report))
     return report
 
 
@@ -202,6 +220,10 @@ def cmd_sweep(args: argparse.Namespace) -> dict:
     from medsyn.generation.stages import SampleOptions
 
     out = Path(args.out)
+    if not args.base:
+        return {"measures": [], "runs": {}}
+    if not args.cache:
+        raise SystemExit("sweep: --base needs --cache (the prepared cache the base runs learned from)")
     rows = [r for r in read_cache_manifest(args.cache) if r["split"] == args.split]
     if not rows:
         raise SystemExit(f"{args.cache}: no {args.split} split in manifest.csv; expected held-out rows")
@@ -247,7 +269,6 @@ def cmd_sweep(args: argparse.Namespace) -> dict:
                                       for p in result["pairs"] for m in p["measures"]}  # fmt: skip
         report["runs"][label] = {"run": path, "schedule": schedule, "rows": rows_out,
                                  "best": None if best is None else {k: best[k] for k in ("sampler", "steps", "nfe")}}  # fmt: skip
-    print_sweep(report, args.guidance)
     return report
 
 
@@ -332,6 +353,17 @@ def print_sweep(report: dict, guidance: float) -> None:
             print(f"| {row['sampler']} | {row['steps']} | {row['nfe']} | {_mean_ratio(row, ref, keys):.2f} | "
                   f"{', '.join(row['worse_than_reference']) or '-'} | {ps[0]} | {ps[1]} |")  # fmt: skip
         print(f"fewest NFE matching the reference: {entry['best']}")
+    sr = report.get("sr")
+    if sr:
+        ref = sr["rows"][0]
+        print(f"\nSR ({sr['run']}): from the held-out volumes' own base-grid arrays, relative to "
+              f"{ref['steps']}-step {ref['sampler']} (mean over {len(sr['measures'])} measures)")  # fmt: skip
+        print("| sampler | steps | NFE | mean W / ref | measures worse than ref (beyond SE) | seconds |")
+        print("|---|---|---|---|---|---|")
+        for row in sr["rows"]:
+            print(f"| {row['sampler']} | {row['steps']} | {row['nfe']} | {_mean_ratio(row, ref, sr['measures']):.2f} | "
+                  f"{', '.join(row['worse_than_reference']) or '-'} | {row['seconds']:.0f} |")  # fmt: skip
+        print(f"fewest SR NFE matching the reference: {sr['best']}")
 
 
 def cmd_segment(args: argparse.Namespace) -> dict:
@@ -398,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("memory", help="peak RSS of full-volume vs sliding-window SR")
     m.add_argument("--size", type=int, default=128)
     m.add_argument("--preset", default="sr-light")
-    m.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    m.add_argument("--child", choices=["full", "windowed"], help=argparse.SUPPRESS)
     c = sub.add_parser("sweep", help="schedule x sampler x steps judged by the evaluation measures")
     s = sub.add_parser("segment", help="Dice of the model as a segmenter (CT fixed)")
     for q in (f, m):
@@ -452,6 +484,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.command == "sweep":
         if args.sr:
             cmd_sweep_sr(args, report)
+        previous = Path(args.out) / "sweep.json"  # runs swept before into the same OUT are kept, so one
+        if (
+            previous.is_file()
+        ):  # table can be built run by run (a label or --sr given again replaces its part)
+            old = json.loads(previous.read_text())
+            report["runs"] = {**{k: v for k, v in old.get("runs", {}).items()}, **report["runs"]}
+            report.setdefault("sr", old.get("sr"))
+            if not report.get("measures"):
+                report["measures"] = old.get("measures", [])
+        print_sweep(report, args.guidance)
         report["cost"] = sweep_cost(report, args)
         print(json.dumps({"benchmark": "sampling_sweep", **report["cost"]}))
         Path(args.out).mkdir(parents=True, exist_ok=True)
