@@ -1,28 +1,45 @@
 """One training step (forward, backward, AdamW) of the medsyn UNet against MONAI's DiffusionModelUNet.
 
 Both models get the same input (B x 4 x S^3 plus text tokens) and about the same parameter count.
-Each is measured in a fresh process so that peak memory (CUDA allocator peak on GPU, peak RSS
-growth on CPU) belongs to that model alone. Also printed: the achieved FLOP/s of our step as a
-fraction of a plain conv3d forward+backward on the same machine in the same run, and the FLOPs of
-one forward pass of the paper-scale presets, counted on the meta device.
+Peak memory (CUDA allocator peak on GPU, peak RSS growth on CPU) is measured for each model in a
+fresh process, so that it belongs to that model alone. On CPU that process runs with a fixed glibc
+mmap threshold (MALLOC_MMAP_THRESHOLD_=131072): every block above 128 KiB is then its own mapping,
+given back when freed, so peak RSS follows the live tensors rather than how the heap happened to
+fragment (with glibc's default the same step varies by about 10% from run to run).
+
+Time is measured in one process that takes turns, one step of ours, one of MONAI's, one plain
+conv3d 64->64 forward+backward (the roofline reference: what this machine does on the work a UNet
+is made of), round after round; the medians are compared, so a machine that is busier in one part
+of the run slows all three alike. Each one's fastest round is printed too: on a shared machine,
+what a step costs undisturbed (with --threads 1 no step waits on a descheduled worker thread); on
+CPU so is the process CPU time of a step, which other processes' load does not add to (with one
+thread; with more it includes worker threads spinning at barriers).
+Also printed: our achieved FLOP/s as a fraction of the conv3d's, and the FLOPs of one forward pass
+of the paper-scale presets, counted on the meta device. The last line is JSON.
 
     python benchmarks/unet_step.py [--size 32] [--batch 2] [--steps 5] [--device cpu|cuda]
+        [--threads N] [--checkpointing]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import multiprocessing as mp
+import os
 import resource
 import time
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 TEXT_DIM, TEXT_LEN = 128, 64
+NAMES = ("ours", "monai")
 
 
-def _ours():
+def _ours(checkpointing: bool = False):
     import medsyn
 
     # a small text-conditioned UNet: widths 32-64-128, attention only at the 8^3 bottleneck
@@ -32,14 +49,16 @@ def _ours():
         num_res_blocks=[1, 1, 2],
         norm_num_groups=32,
         cross_attention_dim=TEXT_DIM,
+        use_checkpointing=checkpointing,
     )
 
 
-def _monai():
+def _monai(checkpointing: bool = False):
     from monai.networks.nets import DiffusionModelUNet
 
     # Same widths as ours, attention at the bottom level (and MONAI's own attention mid-block);
     # block counts chosen so the parameter counts agree within a few percent (8.97 M vs 9.33 M).
+    # MONAI's model has no checkpointing option: it always runs without.
     return DiffusionModelUNet(
         spatial_dims=3,
         in_channels=4,
@@ -54,75 +73,103 @@ def _monai():
     )
 
 
-def _call(name, model, x, t, ctx):
-    if name == "monai":
-        return model(x, timesteps=t * 1000, context=ctx)
-    return model(x, t, context=ctx)
+def _step_fn(name: str, size: int, batch: int, device: str, checkpointing: bool) -> Callable[[], None]:
+    """A model, its AdamW and fixed inputs, as a function running one training step."""
+    torch.manual_seed(0)
+    model = (_ours if name == "ours" else _monai)(checkpointing).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 4, size, size, size, device=device)
+    t = torch.rand(batch, device=device)
+    ctx = torch.randn(batch, TEXT_LEN, TEXT_DIM, device=device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = model(x, timesteps=t * 1000, context=ctx) if name == "monai" else model(x, t, context=ctx)
+        (out - x).square().mean().backward()
+        opt.step()
+
+    step.params = sum(p.numel() for p in model.parameters())
+    return step
+
+
+def _conv_fn(size: int, batch: int, device: str) -> Callable[[], None]:
+    """A plain 64->64 3x3x3 conv3d forward+backward at the models' input size."""
+    conv = torch.nn.Conv3d(64, 64, 3, padding=1).to(device)
+    x = torch.randn(batch, 64, size, size, size, device=device, requires_grad=True)
+    return lambda: conv(x).sum().backward()
+
+
+def _flops(fn: Callable[[], None]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(name: str, size: int, batch: int, steps: int, device: str, queue) -> None:
-    torch.manual_seed(0)
-    model = (_ours if name == "ours" else _monai)().to(device)
-    params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, 4, size, size, size, device=device)
-    t = torch.rand(batch, device=device)
-    ctx = torch.randn(batch, TEXT_LEN, TEXT_DIM, device=device)
-
+def measure_memory(
+    name: str, size: int, batch: int, device: str, checkpointing: bool, threads: int, queue
+) -> None:
+    """Params, FLOPs of one step and the peak memory of steady-state steps, in a fresh process."""
+    torch.set_num_threads(threads)
+    step = _step_fn(name, size, batch, device, checkpointing)
     start_rss = _rss_mb()
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = (_call(name, model, x, t, ctx) - x).square().mean()
-        loss.backward()
-        opt.step()
-
-    with FlopCounterMode(display=False) as counter:  # forward + backward FLOPs of one step
-        step()
-    flops = counter.get_total_flops()
+    flops = _flops(step)  # forward + backward FLOPs of one step
     step()  # warm-up (allocator, optimizer state)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
+    for _ in range(2):
         step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = (
-            _rss_mb() - start_rss
-        )  # growth of peak RSS over the built model: activations, grads, AdamW state
-    sec = sorted(times)[len(times) // 2]
-    queue.put({"name": name, "params": params, "sec": sec, "peak_mb": peak, "flops": flops})
+    else:  # growth of peak RSS over the built model: activations, grads, AdamW state
+        peak = _rss_mb() - start_rss
+    queue.put({"name": name, "params": step.params, "flops": flops, "peak_mb": peak})
 
 
-def conv_reference(size: int, batch: int, device: str, repeats: int = 5) -> float:
-    """FLOP/s of a plain 64->64 3x3x3 conv3d forward+backward: what this machine can do."""
-    conv = torch.nn.Conv3d(64, 64, 3, padding=1).to(device)
-    x = torch.randn(batch, 64, size, size, size, device=device, requires_grad=True)
-    with FlopCounterMode(display=False) as counter:
-        conv(x).sum().backward()
-    flops = counter.get_total_flops()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        conv(x).sum().backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return flops / sorted(times)[len(times) // 2]
+@contextlib.contextmanager
+def _malloc_env(device: str) -> Iterator[None]:
+    """The environment a CPU memory process starts with: a fixed glibc mmap threshold (see top)."""
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    if device == "cpu":
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
 
 
-def paper_scale_flops() -> dict[str, float]:
+def measure_time(
+    size: int, batch: int, rounds: int, device: str, checkpointing: bool
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall-clock and process CPU seconds of each round's call of ours, MONAI's step and the conv3d,
+    taking turns."""
+    fns = {name: _step_fn(name, size, batch, device, checkpointing) for name in NAMES}
+    fns["conv3d"] = _conv_fn(size, batch, device)
+    for fn in fns.values():  # warm-up: allocator, optimizer state, oneDNN/cuDNN kernel choice
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    cpu_times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
+    return times, cpu_times
+
+
+def paper_scale_flops() -> dict[str, tuple[int, int, int]]:
     import medsyn
     from medsyn.nn.inspect import profile_model
 
@@ -137,23 +184,49 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="timed rounds (each: one step of each model)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads (default: torch's)"
+    )
+    parser.add_argument(
+        "--checkpointing", action="store_true", help="run our UNet with use_checkpointing=True (default off)"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     ctx = mp.get_context("spawn")
     results = {}
-    for name in ("ours", "monai"):
+    for name in NAMES:
         queue = ctx.Queue()
-        proc = ctx.Process(target=measure, args=(name, args.size, args.batch, args.steps, args.device, queue))
-        proc.start()
+        proc = ctx.Process(
+            target=measure_memory,
+            args=(name, args.size, args.batch, args.device, args.checkpointing, args.threads, queue),
+        )
+        with _malloc_env(args.device):
+            proc.start()
         results[name] = queue.get()
         proc.join()
-    ref = conv_reference(args.size, args.batch, args.device)
+    times, cpu_times = measure_time(args.size, args.batch, args.steps, args.device, args.checkpointing)
+    sec = {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}  # medians: the figures
+    best = {name: min(ts) for name, ts in times.items()}  # each one's least disturbed round
+    cpu = {name: sorted(ts)[len(ts) // 2] for name, ts in cpu_times.items()}
+    ref_flops = _flops(_conv_fn(args.size, args.batch, args.device))
+    for name in NAMES:
+        results[name]["sec"] = sec[name]
 
     print(
         f"training step, input {args.batch}x4x{args.size}^3 + {TEXT_LEN} text tokens of {TEXT_DIM}, "
-        f"device {args.device}, torch threads {torch.get_num_threads()}"
+        f"device {args.device}, torch threads {torch.get_num_threads()}, "
+        f"our gradient checkpointing {'on' if args.checkpointing else 'off'}, median of {args.steps} rounds"
+    )
+    print(
+        "peak memory: "
+        + (
+            "CUDA allocator peak"
+            if args.device == "cuda"
+            else "peak RSS growth, glibc mmap threshold 128 KiB"
+        )
     )
     print(f"{'model':8} {'params':>10} {'GFLOP/step':>11} {'s/step':>8} {'peak +MB':>9} {'GFLOP/s':>8}")
     for r in results.values():
@@ -162,19 +235,64 @@ def main() -> None:
             f"{r['peak_mb']:9.0f} {r['flops'] / r['sec'] / 1e9:8.1f}"
         )
     ours, monai = results["ours"], results["monai"]
+    time_ratio = ours["sec"] / monai["sec"]
+    memory_ratio = ours["peak_mb"] / monai["peak_mb"]
     print(
-        f"ratio ours/monai: time {ours['sec'] / monai['sec']:.2f}, peak memory "
-        f"{ours['peak_mb'] / monai['peak_mb']:.2f}, params {ours['params'] / monai['params']:.2f}"
+        f"ratio ours/monai: time {time_ratio:.2f}, peak memory {memory_ratio:.2f}, "
+        f"params {ours['params'] / monai['params']:.2f}"
     )
+    ref = ref_flops / sec["conv3d"]
     achieved = ours["flops"] / ours["sec"]
+    roofline = achieved / ref
     print(
-        f"conv3d 64->64 fwd+bwd reference: {ref / 1e9:.1f} GFLOP/s; our step achieves "
-        f"{achieved / 1e9:.1f} GFLOP/s = {achieved / ref:.0%} of it"
+        f"conv3d 64->64 fwd+bwd reference: {ref / 1e9:.1f} GFLOP/s ({sec['conv3d']:.3f} s); our step achieves "
+        f"{achieved / 1e9:.1f} GFLOP/s = {roofline:.0%} of it"
     )
+    # On a shared machine a round can be slowed by other processes; each one's fastest round shows
+    # what the step costs when undisturbed. The medians above stay the figures.
+    time_ratio_best = best["ours"] / best["monai"]
+    roofline_best = (ours["flops"] / best["ours"]) / (ref_flops / best["conv3d"])
+    print(
+        f"fastest rounds: ours {best['ours']:.3f} s, monai {best['monai']:.3f} s, conv3d {best['conv3d']:.3f} s: "
+        f"time ratio {time_ratio_best:.2f}, roofline fraction {roofline_best:.0%}"
+    )
+    time_ratio_cpu = cpu["ours"] / cpu["monai"]
+    roofline_cpu = (ours["flops"] / cpu["ours"]) / (ref_flops / cpu["conv3d"])
+    if args.device == "cpu":  # CPU seconds the process used: what other processes' load cannot add to
+        print(
+            f"process CPU time (medians): ours {cpu['ours']:.3f} s, monai {cpu['monai']:.3f} s, "
+            f"conv3d {cpu['conv3d']:.3f} s: time ratio {time_ratio_cpu:.2f}, roofline fraction {roofline_cpu:.0%}"
+        )
     for name, (params, flops, size) in paper_scale_flops().items():
         print(
             f"{name}: {params / 1e6:.1f} M parameters, {flops / 1e12:.2f} TFLOP per forward at {size}^3 (meta device)"
         )
+    summary = {
+        "time_ratio": round(time_ratio, 3),
+        "memory_ratio": round(memory_ratio, 3),
+        "roofline_fraction": round(roofline, 3),
+        "ours_s": round(ours["sec"], 4),
+        "monai_s": round(monai["sec"], 4),
+        "ours_peak_mb": round(ours["peak_mb"], 1),
+        "monai_peak_mb": round(monai["peak_mb"], 1),
+        "params_ratio": round(ours["params"] / monai["params"], 3),
+        "conv3d_gflops": round(ref / 1e9, 1),
+        "time_ratio_fastest": round(time_ratio_best, 3),
+        "roofline_fraction_fastest": round(roofline_best, 3),
+        **(
+            {"time_ratio_cpu": round(time_ratio_cpu, 3), "roofline_fraction_cpu": round(roofline_cpu, 3)}
+            if args.device == "cpu"
+            else {}
+        ),
+        "checkpointing": args.checkpointing,
+        "device": args.device,
+        "memory": "cuda_max_allocated" if args.device == "cuda" else "rss_growth_mmap_threshold_128k",
+        "threads": torch.get_num_threads(),
+        "size": args.size,
+        "batch": args.batch,
+        "rounds": args.steps,
+    }
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

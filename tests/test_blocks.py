@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medsyn.nn.blocks import (
@@ -12,6 +13,7 @@ from medsyn.nn.blocks import (
     ResBlock,
     SpatialTransformer,
     Upsample,
+    group_norm_silu,
     timestep_embedding,
     zero_module,
 )
@@ -53,11 +55,72 @@ def test_resblock_is_its_skip_at_init(spatial_dims):
     assert torch.equal(same(x, emb), x)  # zero-initialised conv2: the residual branch adds exactly 0
     wider = ResBlock(spatial_dims, 8, 16, embed_dim=12, norm_num_groups=4)
     out = wider(x, emb)
-    assert out.shape == (2, 16, *[6] * spatial_dims) and torch.equal(out, wider.skip(x))
+    assert out.shape == (2, 16, *[6] * spatial_dims)
+    torch.testing.assert_close(out, wider.skip(x))  # the 1x1 skip runs as a matrix product: float rounding
     perturb(same)
     out = same(x, emb)
     assert out.shape == x.shape and not torch.allclose(out, x)
     assert not torch.allclose(out, same(x, emb.flip(0)))  # the time embedding reaches the output
+
+
+@pytest.mark.parametrize("modulated", [False, True])
+@pytest.mark.parametrize("shape", [(2, 8, 5, 6, 7), (3, 8, 6, 5), (2, 8, 9)])
+def test_group_norm_silu_matches_the_three_steps(shape, modulated):
+    norm = perturb(nn.GroupNorm(4, 8, eps=1e-6)).double()
+    x = torch.randn(*shape, dtype=torch.double, requires_grad=True)
+    scale = torch.randn(shape[0], 8, dtype=torch.double, requires_grad=True) if modulated else None
+    shift = torch.randn(shape[0], 8, dtype=torch.double, requires_grad=True) if modulated else None
+
+    def reference(x, scale, shift):
+        h = norm(x)
+        if scale is not None:
+            tail = (1,) * (x.ndim - 2)
+            h = h * (1 + scale.view(*scale.shape, *tail)) + shift.view(*shift.shape, *tail)
+        return F.silu(h)
+
+    out = group_norm_silu(x, norm, scale, shift)  # (B, C, *S)
+    torch.testing.assert_close(out, reference(x, scale, shift))
+    inputs = [x, *norm.parameters(), *([scale, shift] if modulated else [])]
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, inputs, grad)
+    expected = torch.autograd.grad(reference(x, scale, shift), inputs, grad)
+    for a, b in zip(ours, expected, strict=True):
+        torch.testing.assert_close(a, b)
+    part = (slice(0, 1), slice(None), slice(0, 3))  # a non-contiguous slice of one sample
+    if modulated:
+        assert torch.autograd.gradcheck(
+            lambda x, s, t: group_norm_silu(x, norm, s, t), (x[part], scale[:1], shift[:1])
+        )
+    else:
+        assert torch.autograd.gradcheck(lambda x: group_norm_silu(x, norm), (x[part],))
+
+
+def test_group_norm_silu_keeps_only_its_input_for_backward():
+    norm = nn.GroupNorm(4, 8)
+    x = torch.randn(2, 8, 6, 6, 6, requires_grad=True)
+    scale, shift = torch.randn(2, 8, requires_grad=True), torch.randn(2, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        group_norm_silu(x * 1, norm, scale, shift)
+    assert sum(t.numel() for t in saved if t.numel() >= x.numel()) == x.numel()  # x, not y or silu(y)
+
+
+@pytest.mark.parametrize("channels", [(8, 8), (8, 16)])
+def test_resblock_matches_its_unfused_definition(channels):
+    block = perturb(ResBlock(3, *channels, embed_dim=12, norm_num_groups=4))
+    x, emb = torch.randn(2, channels[0], 5, 4, 6), torch.randn(2, 12)
+    h = block.conv1(F.silu(block.norm1(x)))
+    scale, shift = block.emb_proj(F.silu(emb))[:, :, None, None, None].chunk(2, dim=1)
+    h = block.conv2(F.silu(block.norm2(h) * (1 + scale) + shift))
+    torch.testing.assert_close(block(x, emb), block.skip(x) + h)
+
+
+def test_resblock_takes_a_precomputed_scale_and_shift():
+    block = perturb(ResBlock(3, 8, 16, embed_dim=12, norm_num_groups=4))
+    x, emb = torch.randn(2, 8, 4, 4, 4), torch.randn(2, 12)
+    given = block(x, emb, block.emb_proj(F.silu(emb)))
+    torch.testing.assert_close(given, block(x, emb))
+    assert not torch.allclose(block(x, emb, torch.zeros(2, 32)), given)
 
 
 @pytest.mark.parametrize(

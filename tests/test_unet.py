@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from medsyn.nn.blocks import Attention
+from medsyn.nn.blocks import Attention, ResBlock
 from medsyn.nn.unet import UNet
 
 
@@ -99,6 +99,17 @@ def test_gradient_checkpointing_matches_plain_gradients():
     ckpt(x, t, ctx).square().sum().backward()
     for (name, a), b in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+
+
+def test_scale_shifts_of_all_blocks_equal_each_blocks_own_projection():
+    model = tiny(num_channels=(16, 32, 32), num_res_blocks=[1, 2, 1])
+    _randomize(model)
+    emb = torch.randn(2, model.time_embed.mlp[-1].out_features)
+    shifts = model._scale_shifts(emb)
+    blocks = [m for m in model.modules() if isinstance(m, ResBlock)]
+    assert list(shifts) == blocks and len(blocks) == 13  # 4 encoder, 2 middle, 7 decoder
+    for block in blocks:
+        torch.testing.assert_close(shifts[block], block.emb_proj(torch.nn.functional.silu(emb)))
 
 
 def test_config_round_trip_rebuilds_the_same_architecture():
