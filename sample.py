@@ -19,6 +19,7 @@ from medsyn.errors import DataError
 
 def build_parser() -> argparse.ArgumentParser:
     from medsyn.diffusion import SAMPLERS, TIME_GRIDS
+    from medsyn.generation.stages import DEFAULT_SR_STEPS, DEFAULT_STEPS
 
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__.splitlines()[0])
     p.add_argument("--base", required=True, help="base run directory (model.safetensors, config.yaml)")
@@ -32,8 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=int, default=1, help="samples per forward (results do not depend on it)"
     )
-    p.add_argument("--steps", type=int, default=25, help="base sampler steps")
-    p.add_argument("--sr-steps", type=int, default=10, help="SR sampler steps")
+    p.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, help=f"base sampler steps (default {DEFAULT_STEPS})"
+    )
+    p.add_argument(
+        "--sr-steps",
+        type=int,
+        default=DEFAULT_SR_STEPS,
+        help=f"SR sampler steps (default {DEFAULT_SR_STEPS})",
+    )
     p.add_argument("--sampler", default="dpmpp-2m", choices=list(SAMPLERS),
                    help="ODE/SDE solver (default dpmpp-2m; euler/heun suit rectified-flow models)")  # fmt: skip
     p.add_argument("--grid", default=None, choices=list(TIME_GRIDS),

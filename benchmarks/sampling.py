@@ -2,7 +2,7 @@
 and the base model as a segmenter (the CT held fixed, paper Table V).
 
     python benchmarks/sampling.py flops   [--steps 25 --sr-steps 10 --guidance 3]
-    python benchmarks/sampling.py memory  --size 128 [--window 64] [--preset sr-light]
+    python benchmarks/sampling.py memory  [--size 256 --window 144 --sr-steps 2] [--preset sr-light]
     python benchmarks/sampling.py sweep   --base cosine=runs/phantom/base --base rf=runs/phantom/base_rf \
                                           --cache data/phantom/cache [--sr runs/demo/sr --sr-cache data/demo/cache]
     python benchmarks/sampling.py segment --base RUN [--sr RUN] --cache DIR [--num-subjects 4]
@@ -256,7 +256,11 @@ def cmd_sweep(args: argparse.Namespace) -> dict:
                   f"worse: {', '.join(row['worse_than_reference']) or '-'}", flush=True)  # fmt: skip
         candidates = [r for r in rows_out[1:] if not r["worse_than_reference"]]
         best = min(candidates, key=lambda r: (r["nfe"], _mean_ratio(r, rows_out[0], keys)), default=None)
-        for row in [rows_out[0], best] if pairs else []:
+        baseline = rows_out[0]  # p-values of the reference, or of the setting --pairs-baseline names
+        if args.pairs_baseline:
+            name, _, steps = args.pairs_baseline.partition(":")
+            baseline = {"sampler": name, "steps": int(steps), "nfe": network_evaluations(name, int(steps))}
+        for row in [baseline, best] if pairs else []:
             if row is None:
                 continue
             opts = SampleOptions(steps=row["steps"], sampler=row["sampler"], guidance=args.guidance,
@@ -267,6 +271,8 @@ def cmd_sweep(args: argparse.Namespace) -> dict:
             row["controllability"] = {f"{p['name']}/{m['measure']}": {"p": m["p"], "p_paired": m["p_paired"],
                                       "in_direction": m["in_direction"]}
                                       for p in result["pairs"] for m in p["measures"]}  # fmt: skip
+        if baseline is not rows_out[0] and pairs:
+            rows_out.append({**baseline, "distances": {}, "worse_than_reference": ["(not measured)"]})
         report["runs"][label] = {"run": path, "schedule": schedule, "rows": rows_out,
                                  "best": None if best is None else {k: best[k] for k in ("sampler", "steps", "nfe")}}  # fmt: skip
     return report
@@ -300,7 +306,7 @@ def cmd_sweep_sr(args: argparse.Namespace, report: dict) -> None:
     segmenter = get_backend(args.backend)
     spacing = float(rows[0]["spacing_mm"])
     affine = np.diag([spacing, spacing, spacing, 1.0])
-    lowres_all = torch.stack([torch.from_numpy(np.asarray(load_array(Path(args.sr_cache) / r["lr"]), np.float32))
+    lowres_all = torch.stack([torch.from_numpy(np.asarray(load_array(r["lr"]), np.float32))
                               for r in rows])  # fmt: skip
     sampler = args.samplers[0]
     settings = [(args.reference_sampler.get(sr.model.denoiser.schedule.name, "dpmpp-2m"), args.sr_reference)]
@@ -428,16 +434,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("flops", help="FLOPs of one 256^3 sample at paper scale")
     m = sub.add_parser("memory", help="peak RSS of full-volume vs sliding-window SR")
-    m.add_argument("--size", type=int, default=128)
+    m.add_argument("--size", type=int, default=256)
     m.add_argument("--preset", default="sr-light")
     m.add_argument("--child", choices=["full", "windowed"], help=argparse.SUPPRESS)
     c = sub.add_parser("sweep", help="schedule x sampler x steps judged by the evaluation measures")
     s = sub.add_parser("segment", help="Dice of the model as a segmenter (CT fixed)")
     for q in (f, m):
         q.add_argument("--steps", type=int, default=25)
-        q.add_argument("--sr-steps", type=int, default=10 if q is f else 1)
+        q.add_argument("--sr-steps", type=int, default=10 if q is f else 2)
         q.add_argument("--guidance", type=float, default=3.0)
-        q.add_argument("--window", type=int, default=144 if q is f else 64)
+        q.add_argument("--window", type=int, default=144)
         q.add_argument("--overlap", type=float, default=0.2)
     s.add_argument("--base", required=True)
     s.add_argument("--sr")
@@ -456,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pairs", nargs="*", default=["pleural_effusion", "cardiomegaly"],
                    help="controllability pairs run for the reference and the chosen setting (none: skip)")  # fmt: skip
     c.add_argument("--pair-n", type=int, default=8, help="samples per prompt of a pair")
+    c.add_argument("--pairs-baseline", metavar="SAMPLER:STEPS",
+                   help="compare the chosen setting's p-values with this setting's instead of the reference's "
+                        "(e.g. dpmpp-2m:25, today's default, when the reference is too slow for the pairs)")  # fmt: skip
     c.add_argument("--guidance", type=float, default=3.0)
     c.add_argument("--batch-size", type=int, default=16)
     c.add_argument("--precision", default="bf16", choices=["32", "bf16"])

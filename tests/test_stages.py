@@ -112,7 +112,7 @@ def test_options_are_checked():
     from medsyn.errors import ConfigError
 
     with pytest.raises(ConfigError, match="sampler"):
-        SampleOptions(sampler="euler")
+        SampleOptions(sampler="lms")
     with pytest.raises(ConfigError, match="sr mode"):
         SampleOptions(sr_mode="tiles")
     with pytest.raises(ConfigError, match="precision 'fp16'"):

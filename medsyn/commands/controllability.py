@@ -14,6 +14,7 @@ HELP = "Test whether samples follow their report: prompt pairs, shared seeds, me
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from medsyn.data.segment import DEFAULT_BACKEND, available_backends
     from medsyn.diffusion import SAMPLERS
+    from medsyn.generation.stages import DEFAULT_SR_STEPS, DEFAULT_STEPS
 
     parser.add_argument("--base", required=True, help="base run directory (model.safetensors, config.yaml)")
     parser.add_argument(
@@ -26,8 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", required=True, help="output directory (controllability.json, report.md, ...)"
     )
-    parser.add_argument("--steps", type=int, default=25, help="base sampler steps")
-    parser.add_argument("--sr-steps", type=int, default=10, help="SR sampler steps")
+    parser.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, help=f"base sampler steps (default {DEFAULT_STEPS})"
+    )
+    parser.add_argument(
+        "--sr-steps",
+        type=int,
+        default=DEFAULT_SR_STEPS,
+        help=f"SR sampler steps (default {DEFAULT_SR_STEPS})",
+    )
     parser.add_argument("--sampler", default="dpmpp-2m", choices=list(SAMPLERS))
     parser.add_argument(
         "--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = none)"
