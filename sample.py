@@ -148,6 +148,7 @@ def main(args: argparse.Namespace) -> int:
     trust = args.trust_remote_code
     base = load_run(args.base, args.device, stage="base", trust_remote_code=trust)
     sr = load_run(args.sr, args.device, stage="sr", trust_remote_code=trust) if args.sr else None
+    options.check_models(base, sr)
     grid = sr.grid if sr is not None else base.grid
     fixed = load_fixed(raw, grid, base.hr_grid, base.factor) if raw else None
     print(f"sample.py: {len(prompts) * args.num_samples} sample(s) on the grid {list(grid.shape)} at "

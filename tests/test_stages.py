@@ -251,3 +251,17 @@ def test_a_base_sample_is_bit_identical_whatever_its_batch(runs):
         n = alone["context"].shape[1]
         assert torch.equal(alone["context"][0], together["context"][i, :n])
         assert not together["context"][i, n:].any()
+
+
+def test_a_grid_the_schedule_cannot_take_is_refused_before_sampling():
+    from types import SimpleNamespace
+
+    from medsyn.diffusion import RectifiedFlowSchedule
+    from medsyn.errors import ConfigError
+
+    rf_run = SimpleNamespace(
+        model=SimpleNamespace(denoiser=SimpleNamespace(schedule=RectifiedFlowSchedule()))
+    )
+    SampleOptions().check_models(rf_run, None)  # its own (uniform) grid
+    with pytest.raises(ConfigError, match="grid 'logsnr'.*use the uniform grid"):
+        SampleOptions(grid="logsnr").check_models(rf_run, None)

@@ -79,7 +79,7 @@ def generate(
             model.denoiser, cond, uncond, scale=scale, interval=guidance_interval, rescale=guidance_rescale
         )
     schedule = model.denoiser.schedule
-    ts = time_grid(steps, grid, schedule).to(device)
+    ts = grid_for(model, steps, grid).to(device)
     project = None
     if hold is not None:
         names = [CHANNELS[i] for i in hold[1]]
@@ -92,6 +92,14 @@ def generate(
         resample_rounds=resample_rounds,
     )  # fmt: skip
     return model.from_net(x)
+
+
+def grid_for(model: DiffusionModel, steps: int, grid: str | None) -> torch.Tensor:
+    """The sampler's time grid for `model` (`time_grid`); a grid its schedule cannot take is a ConfigError."""
+    try:
+        return time_grid(steps, grid, model.denoiser.schedule)
+    except ValueError as err:
+        raise ConfigError(f"grid {grid!r}: {err}") from err
 
 
 def generate_base(model: DiffusionModel, prompts: Sequence[str], seeds: Sequence[int], shape: Sequence[int],
@@ -168,6 +176,12 @@ class SampleOptions:
             raise ConfigError(f"guidance interval ({lo:g}, {hi:g}): expected 0 <= low <= high <= 1")
         if not 0.0 <= self.guidance_rescale <= 1.0:
             raise ConfigError(f"guidance rescale {self.guidance_rescale:g}: expected a number in [0, 1]")
+
+    def check_models(self, *runs: Any) -> None:
+        """Refuse, before any sampling, a time grid that a run's schedule cannot take (runs may be None)."""
+        for run in runs:
+            if run is not None:
+                grid_for(run.model, 1, self.grid)
 
     def to_dict(self) -> dict:
         return asdict(self)
