@@ -18,8 +18,8 @@ from medsyn.errors import DataError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from medsyn.diffusion import SAMPLERS, TIME_GRIDS
-    from medsyn.generation.stages import DEFAULT_SR_STEPS, DEFAULT_STEPS
+    from medsyn.diffusion import TIME_GRIDS
+    from medsyn.generation.stages import add_sampling_arguments
 
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__.splitlines()[0])
     p.add_argument("--base", required=True, help="base run directory (model.safetensors, config.yaml)")
@@ -30,23 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory; a rerun of the same request keeps its finished samples and makes the rest")  # fmt: skip
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (unless a JSONL seed)")
-    p.add_argument(
-        "--batch-size", type=int, default=1, help="samples per forward (results do not depend on it)"
-    )
-    p.add_argument(
-        "--steps", type=int, default=DEFAULT_STEPS, help=f"base sampler steps (default {DEFAULT_STEPS})"
-    )
-    p.add_argument(
-        "--sr-steps",
-        type=int,
-        default=DEFAULT_SR_STEPS,
-        help=f"SR sampler steps (default {DEFAULT_SR_STEPS})",
-    )
-    p.add_argument("--sampler", default="dpmpp-2m", choices=list(SAMPLERS),
-                   help="ODE/SDE solver (default dpmpp-2m; euler/heun suit rectified-flow models)")  # fmt: skip
+    add_sampling_arguments(p)
     p.add_argument("--grid", default=None, choices=list(TIME_GRIDS),
                    help="time grid (default: the model's schedule's: logsnr for cosine, uniform for rectified flow)")  # fmt: skip
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
                    help="guide only for diffusion times t in [LOW, HIGH] (default: 0 1, everywhere)")  # fmt: skip
     p.add_argument("--guidance-rescale", type=float, default=0.0,
@@ -61,9 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, default=0.2, help="SR window overlap fraction in window mode")
     p.add_argument("--sr-noise", type=float, default=None,
                    help="noise-augmentation level of the SR input (default: the SR run's lowres.noise_sample)")  # fmt: skip
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--precision", default="32", choices=["32", "bf16"],
-                   help="bf16: the networks under bfloat16 autocast (faster on GPUs and AVX-512 BF16 CPUs)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true",
                    help="replace sample folders medsyn wrote for another request; other files in OUT are kept")  # fmt: skip
     p.add_argument("--trust-remote-code", action="store_true",

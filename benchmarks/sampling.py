@@ -40,9 +40,6 @@ from medsyn.data.channels import decode_volume  # noqa: E402
 
 MEDSYN_PFLOP = 2.24  # MedSyn's released defaults: 50 base steps with guidance + 20 SR steps at 256^3
 PAPER_DICE = {"lobes": 0.77, "airway": 0.75}
-STATS = ("lung_fraction", "laa950", "lobe_lung_hu")
-# a difference below these is noise whatever the data's spread (fractions; %LAA in percent points)
-FLOORS = {"lung_fraction": 0.01, "laa950": 1.0, "lobe_lung_hu": 0.01}
 
 
 # ---- cost ------------------------------------------------------------------------------------------
@@ -341,7 +338,7 @@ def _p(p: float | None) -> str:
     return "n/a" if p is None else f"{p:.3g}"
 
 
-def print_sweep(report: dict, guidance: float) -> None:
+def print_sweep(report: dict) -> None:
     """The table per run, the chosen settings and their PFLOP at paper scale."""
     keys = report["measures"]
     for label, entry in report.get("runs", {}).items():
@@ -502,7 +499,7 @@ def main(argv: list[str] | None = None) -> dict:
             report.setdefault("sr", old.get("sr"))
             if not report.get("measures"):
                 report["measures"] = old.get("measures", [])
-        print_sweep(report, args.guidance)
+        print_sweep(report)
         report["cost"] = sweep_cost(report, args)
         print(json.dumps({"benchmark": "sampling_sweep", **report["cost"]}))
         Path(args.out).mkdir(parents=True, exist_ok=True)

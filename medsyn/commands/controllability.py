@@ -13,8 +13,7 @@ HELP = "Test whether samples follow their report: prompt pairs, shared seeds, me
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from medsyn.data.segment import DEFAULT_BACKEND, available_backends
-    from medsyn.diffusion import SAMPLERS
-    from medsyn.generation.stages import DEFAULT_SR_STEPS, DEFAULT_STEPS
+    from medsyn.generation.stages import add_sampling_arguments
 
     parser.add_argument("--base", required=True, help="base run directory (model.safetensors, config.yaml)")
     parser.add_argument(
@@ -27,25 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", required=True, help="output directory (controllability.json, report.md, ...)"
     )
-    parser.add_argument(
-        "--steps", type=int, default=DEFAULT_STEPS, help=f"base sampler steps (default {DEFAULT_STEPS})"
-    )
-    parser.add_argument(
-        "--sr-steps",
-        type=int,
-        default=DEFAULT_SR_STEPS,
-        help=f"SR sampler steps (default {DEFAULT_SR_STEPS})",
-    )
-    parser.add_argument("--sampler", default="dpmpp-2m", choices=list(SAMPLERS))
-    parser.add_argument(
-        "--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = none)"
-    )
-    parser.add_argument(
-        "--batch-size", type=int, default=1, help="samples per forward (results do not depend on it)"
-    )
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--precision", default="32", choices=["32", "bf16"],
-                        help="bf16: the networks under bfloat16 autocast (faster on GPUs and AVX-512 BF16 CPUs)")  # fmt: skip
+    add_sampling_arguments(parser)
     parser.add_argument("--backend", default=DEFAULT_BACKEND, choices=available_backends(),
                         help=f"segmentation backend for the measures (default {DEFAULT_BACKEND})")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true",

@@ -94,6 +94,24 @@ def generate(
     return model.from_net(x)
 
 
+def add_sampling_arguments(parser) -> None:
+    """The sampling options `sample.py` and `medsyn controllability` share, with the defaults above."""
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="samples per forward (results do not depend on it)")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                        help=f"base sampler steps (default {DEFAULT_STEPS})")  # fmt: skip
+    parser.add_argument("--sr-steps", type=int, default=DEFAULT_SR_STEPS,
+                        help=f"SR sampler steps (default {DEFAULT_SR_STEPS})")  # fmt: skip
+    parser.add_argument("--sampler", default="dpmpp-2m", choices=list(SAMPLERS),
+                        help="ODE/SDE solver (default dpmpp-2m; euler/heun suit rectified-flow models)")  # fmt: skip
+    parser.add_argument(
+        "--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = none)"
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="32", choices=list(PRECISIONS),
+                        help="bf16: the networks under bfloat16 autocast (faster on GPUs and AVX-512 BF16 CPUs)")  # fmt: skip
+
+
 def grid_for(model: DiffusionModel, steps: int, grid: str | None) -> torch.Tensor:
     """The sampler's time grid for `model` (`time_grid`); a grid its schedule cannot take is a ConfigError."""
     try:
