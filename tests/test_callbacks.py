@@ -25,7 +25,10 @@ class Holder(torch.nn.Module):
 
 
 def test_ema_follows_the_moving_average_and_swaps_back():
-    module, trainer = Holder(), SimpleNamespace(global_step=0, state=SimpleNamespace(fn="fit"))
+    module = Holder()
+    trainer = SimpleNamespace(
+        global_step=0, state=SimpleNamespace(fn="fit"), strategy=SimpleNamespace(root_device=torch.device("cpu"))
+    )
     ema = EMA(decay=0.5)
     ema.setup(trainer, module, "fit")
     expected = None
@@ -45,6 +48,20 @@ def test_ema_follows_the_moving_average_and_swaps_back():
     assert torch.equal(module.denoiser.weight, current)
     ema.on_train_end(trainer, module)
     torch.testing.assert_close(module.denoiser.weight, expected)  # exported weights are EMA
+
+
+def test_ema_lives_on_the_training_device_not_where_setup_finds_the_module():
+    # Lightning calls `setup` before the strategy moves the module to the GPU; an average built where
+    # the module sits then stays on the host and every update copies the weights back (seen on an
+    # H100: 2.8 s per step at 700 M). "meta" stands in for the GPU here.
+    strategy = SimpleNamespace(root_device=torch.device("meta"))
+    trainer = SimpleNamespace(global_step=0, state=SimpleNamespace(fn="fit"), strategy=strategy)
+    ema = EMA(decay=0.5)
+    ema.setup(trainer, Holder(), "fit")
+    assert {p.device.type for p in ema.averaged().parameters()} == {"meta"}
+    pinned = EMA(decay=0.5, device="cpu")  # asked for explicitly: kept on the host
+    pinned.setup(trainer, Holder(), "fit")
+    assert {p.device.type for p in pinned.averaged().parameters()} == {"cpu"}
 
 
 def test_save_last_on_end_only_when_the_last_step_is_unsaved(tmp_path):

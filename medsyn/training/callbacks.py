@@ -23,7 +23,8 @@ class EMA(Callback):
     """Exponential moving average of the denoiser's weights (torch's AveragedModel, multi-tensor lerp).
 
     Only the denoiser is averaged: the frozen text encoder is not copied (a second BERT would cost
-    memory and nothing else). The average is swapped in for validation, saved in checkpoints under
+    memory and nothing else). The average lives on the training device unless `device` says otherwise
+    (e.g. "cpu" to save GPU memory, at the price of a device-to-host copy of the weights per update). The average is swapped in for validation, saved in checkpoints under
     `medsyn_ema`, and copied into the model when training ends, so the exported weights are EMA.
     """
 
@@ -44,9 +45,12 @@ class EMA(Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit" and self.model is None:
+            # The module is still on the CPU here (the strategy moves it later): the average goes to the
+            # device the module will train on, or it would be copied back to the host at every update.
+            device = self.device if self.device is not None else trainer.strategy.root_device
             self.model = AveragedModel(
                 pl_module.denoiser,
-                device=self.device,
+                device=device,
                 multi_avg_fn=get_ema_multi_avg_fn(self.decay),
                 use_buffers=True,
             )
@@ -163,18 +167,29 @@ class ExportWeights(Callback):
 
 class Throughput(Callback):
     """Log voxels (volume batches) or tokens (report batches) per second of training, all ranks
-    together, and seconds per step."""
+    together, and seconds per step; on a GPU also the allocator's peak memory so far (GiB, this rank),
+    with the device synchronized around each batch so that the seconds are the GPU's."""
 
     def __init__(self) -> None:
         self._start: float | None = None
 
+    @staticmethod
+    def _sync(pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._sync(pl_module)
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._start is None:
             return
+        self._sync(pl_module)
         elapsed = max(time.perf_counter() - self._start, 1e-9)
+        if pl_module.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+            pl_module.log("train/gpu_peak_gib", float(peak), batch_size=1)
         unit, amount = (
             ("voxels", voxels(batch["x"])) if "x" in batch else ("tokens", int(batch["attention_mask"].sum()))
         )
