@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medsyn.nn import blocks
 from medsyn.nn.blocks import (
     Attention,
     Downsample,
@@ -63,9 +64,12 @@ def test_resblock_is_its_skip_at_init(spatial_dims):
     assert not torch.allclose(out, same(x, emb.flip(0)))  # the time embedding reaches the output
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["native", "split-stats"])
 @pytest.mark.parametrize("modulated", [False, True])
 @pytest.mark.parametrize("shape", [(2, 8, 5, 6, 7), (3, 8, 6, 5), (2, 8, 9)])
-def test_group_norm_silu_matches_the_three_steps(shape, modulated):
+def test_group_norm_silu_matches_the_three_steps(shape, modulated, split, monkeypatch):
+    # split-stats: the path CUDA takes for few (sample, group) rows, forced here on the CPU
+    monkeypatch.setattr(blocks, "split_statistics", lambda x, rows: split)
     norm = perturb(nn.GroupNorm(4, 8, eps=1e-6)).double()
     x = torch.randn(*shape, dtype=torch.double, requires_grad=True)
     scale = torch.randn(shape[0], 8, dtype=torch.double, requires_grad=True) if modulated else None
@@ -93,6 +97,22 @@ def test_group_norm_silu_matches_the_three_steps(shape, modulated):
         )
     else:
         assert torch.autograd.gradcheck(lambda x: group_norm_silu(x, norm), (x[part],))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_statistics_match_group_norm_far_from_zero_mean(dtype):
+    # a mean 300 standard deviations from zero: float64 sums keep the variance exact where float32
+    # sums of squares would cancel; what is left is float32's rounding of x * scale + shift, which the
+    # native kernel has too
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(1, 12, 4000, generator=g) + 300.0).to(dtype)
+    weight, bias = torch.randn(12, generator=g), torch.randn(12, generator=g)
+    expected = F.group_norm(x.double(), 3, weight.double(), bias.double(), 1e-6)
+    out = blocks.group_norm_split(x, 3, weight, bias, 1e-6, torch.float32)
+    native = F.group_norm(x.float(), 3, weight, bias, 1e-6)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    error = (out.double() - expected).abs().max()
+    assert error < 2 * (native.double() - expected).abs().max() and error < 1e-4
 
 
 def test_group_norm_silu_keeps_only_its_input_for_backward():

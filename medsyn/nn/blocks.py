@@ -54,6 +54,44 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
 
 
+# Below this many (sample, group) rows, a CUDA GroupNorm takes its statistics by split reductions: the
+# native kernel gives each row to one thread block, so the SR model's 8 groups of a 256^3 volume (50 M
+# values each) kept 8 of 132 SMs busy and took 70% of a forward pass on an H100 (benchmarks/gpu.py).
+SPLIT_STATS_ROWS = 32
+
+
+def split_statistics(x: torch.Tensor, rows: int) -> bool:
+    """Whether a group norm of `x` in `rows` (sample, group) rows takes the split-reduction path."""
+    return x.is_cuda and rows < SPLIT_STATS_ROWS
+
+
+def group_norm_split(
+    flat: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """group_norm of `flat` (1, R, N) in `groups` groups with per-row `weight`, `bias` (R,), as `dtype`.
+
+    The statistics come from a sum and a sum of squares accumulated in float64 (two reductions over the
+    input in its own dtype, parallel within a row, no temporary of the input's size), the normalization
+    from one multiply-add per value with per-row factors: the same values as F.group_norm within float
+    rounding.
+    """
+    _, rows, n = flat.shape
+    grouped = flat.reshape(groups, -1)
+    count = grouped.shape[1]
+    total = grouped.sum(dim=1, dtype=torch.float64)
+    squares = torch.linalg.vector_norm(grouped, dim=1, dtype=torch.float64).square()
+    mean = total / count
+    var = (squares / count - mean.square()).clamp_min(0.0)
+    rstd = (var + eps).rsqrt()
+    per_group = rows // groups
+    scale = (rstd.repeat_interleave(per_group) * weight.double()).to(dtype)  # (R,)
+    shift = (
+        bias.double()
+        - mean.repeat_interleave(per_group) * rstd.repeat_interleave(per_group) * weight.double()
+    )
+    return torch.addcmul(shift.to(dtype)[:, None], flat[0], scale[:, None]).view(1, rows, n)
+
+
 class _GroupNormSiLU(torch.autograd.Function):
     """silu(group_norm(x) * weight + bias) with a weight and bias per sample and channel.
 
@@ -67,8 +105,13 @@ class _GroupNormSiLU(torch.autograd.Function):
         # (1, B * C, N) sample, which makes the affine step of group_norm a per-sample modulation.
         b, c = x.shape[:2]
         flat = x.reshape(1, b * c, -1)  # (1, B * C, N)
-        # F.group_norm, not its aten kernel, so autocast and any override of F apply as for nn.GroupNorm
-        y = F.group_norm(flat, b * groups, weight.reshape(-1), bias.reshape(-1), eps)
+        if split_statistics(x, b * groups):
+            # CUDA autocast runs group_norm in float32; so does this
+            dtype = torch.float32 if torch.is_autocast_enabled("cuda") else x.dtype
+            y = group_norm_split(flat, b * groups, weight.reshape(-1), bias.reshape(-1), eps, dtype)
+        else:
+            # F.group_norm, not its aten kernel, so autocast and any override of F apply as for nn.GroupNorm
+            y = F.group_norm(flat, b * groups, weight.reshape(-1), bias.reshape(-1), eps)
         ctx.save_for_backward(x, weight, bias)
         ctx.groups, ctx.eps, ctx.dtype = groups, eps, y.dtype
         return F.silu(y, inplace=True).view(x.shape)
