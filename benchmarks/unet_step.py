@@ -18,7 +18,11 @@ Also printed: our achieved FLOP/s as a fraction of the conv3d's, and the FLOPs o
 of the paper-scale presets, counted on the meta device. The last line is JSON.
 
     python benchmarks/unet_step.py [--size 32] [--batch 2] [--steps 5] [--device cpu|cuda]
-        [--threads N] [--checkpointing]
+        [--threads N] [--checkpointing] [--scale small|paper] [--precision 32|bf16]
+
+--scale paper compares the base-700m preset (712 M parameters) with a MONAI DiffusionModelUNet of the
+same widths (96-192-384-1024, attention at 8^3; 701 M) on 192 text tokens of 768, at 64^3 by default:
+a GPU run. --precision bf16 runs both steps under bfloat16 autocast, as `precision: bf16-mixed` trains.
 """
 
 from __future__ import annotations
@@ -35,26 +39,44 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-TEXT_DIM, TEXT_LEN = 128, 64
 NAMES = ("ours", "monai")
+TEXT = {"small": (64, 128), "paper": (192, 768)}  # (tokens, width) of the text context per scale
 
 
-def _ours(checkpointing: bool = False):
+def _ours(checkpointing: bool = False, scale: str = "small"):
     import medsyn
 
+    if scale == "paper":
+        return medsyn.build_model("base-700m", use_checkpointing=checkpointing)
     # a small text-conditioned UNet: widths 32-64-128, attention only at the 8^3 bottleneck
     return medsyn.build_model(
         "base-demo",
         num_channels=[32, 64, 128],
         num_res_blocks=[1, 1, 2],
         norm_num_groups=32,
-        cross_attention_dim=TEXT_DIM,
+        cross_attention_dim=TEXT["small"][1],
         use_checkpointing=checkpointing,
     )
 
 
-def _monai(checkpointing: bool = False):
+def _monai(checkpointing: bool = False, scale: str = "small"):
     from monai.networks.nets import DiffusionModelUNet
+
+    if scale == "paper":
+        # base-700m's widths and block counts; MONAI puts one transformer after every residual block of
+        # the 8^3 level (2 down, 3 up) and one in its mid-block: 701 M parameters against our 712 M.
+        return DiffusionModelUNet(
+            spatial_dims=3,
+            in_channels=4,
+            out_channels=4,
+            channels=(96, 192, 384, 1024),
+            num_res_blocks=(1, 2, 2, 2),
+            attention_levels=(False, False, False, True),
+            num_head_channels=64,
+            with_conditioning=True,
+            cross_attention_dim=TEXT["paper"][1],
+            transformer_num_layers=1,
+        )
 
     # Same widths as ours, attention at the bottom level (and MONAI's own attention mid-block);
     # block counts chosen so the parameter counts agree within a few percent (8.97 M vs 9.33 M).
@@ -68,35 +90,53 @@ def _monai(checkpointing: bool = False):
         attention_levels=(False, False, True),
         num_head_channels=32,
         with_conditioning=True,
-        cross_attention_dim=TEXT_DIM,
+        cross_attention_dim=TEXT["small"][1],
         transformer_num_layers=1,
     )
 
 
-def _step_fn(name: str, size: int, batch: int, device: str, checkpointing: bool) -> Callable[[], None]:
+def _step_fn(
+    name: str,
+    size: int,
+    batch: int,
+    device: str,
+    checkpointing: bool,
+    scale: str = "small",
+    precision: str = "32",
+) -> Callable[[], None]:
     """A model, its AdamW and fixed inputs, as a function running one training step."""
     torch.manual_seed(0)
-    model = (_ours if name == "ours" else _monai)(checkpointing).to(device)
+    model = (_ours if name == "ours" else _monai)(checkpointing, scale).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, 4, size, size, size, device=device)
     t = torch.rand(batch, device=device)
-    ctx = torch.randn(batch, TEXT_LEN, TEXT_DIM, device=device)
+    tokens, width = TEXT[scale]
+    ctx = torch.randn(batch, tokens, width, device=device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step():
         opt.zero_grad(set_to_none=True)
-        out = model(x, timesteps=t * 1000, context=ctx) if name == "monai" else model(x, t, context=ctx)
-        (out - x).square().mean().backward()
+        with autocast:
+            out = model(x, timesteps=t * 1000, context=ctx) if name == "monai" else model(x, t, context=ctx)
+        (out.float() - x).square().mean().backward()
         opt.step()
 
     step.params = sum(p.numel() for p in model.parameters())
     return step
 
 
-def _conv_fn(size: int, batch: int, device: str) -> Callable[[], None]:
+def _conv_fn(size: int, batch: int, device: str, precision: str = "32") -> Callable[[], None]:
     """A plain 64->64 3x3x3 conv3d forward+backward at the models' input size."""
     conv = torch.nn.Conv3d(64, 64, 3, padding=1).to(device)
     x = torch.randn(batch, 64, size, size, size, device=device, requires_grad=True)
-    return lambda: conv(x).sum().backward()
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step():
+        with autocast:
+            y = conv(x)
+        y.float().sum().backward()
+
+    return step
 
 
 def _flops(fn: Callable[[], None]) -> int:
@@ -110,11 +150,12 @@ def _rss_mb() -> float:
 
 
 def measure_memory(
-    name: str, size: int, batch: int, device: str, checkpointing: bool, threads: int, queue
-) -> None:
+    name: str, size: int, batch: int, device: str, checkpointing: bool, threads: int, queue,
+    scale: str = "small", precision: str = "32",
+) -> None:  # fmt: skip
     """Params, FLOPs of one step and the peak memory of steady-state steps, in a fresh process."""
     torch.set_num_threads(threads)
-    step = _step_fn(name, size, batch, device, checkpointing)
+    step = _step_fn(name, size, batch, device, checkpointing, scale, precision)
     start_rss = _rss_mb()
     flops = _flops(step)  # forward + backward FLOPs of one step
     step()  # warm-up (allocator, optimizer state)
@@ -146,12 +187,13 @@ def _malloc_env(device: str) -> Iterator[None]:
 
 
 def measure_time(
-    size: int, batch: int, rounds: int, device: str, checkpointing: bool
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    size: int, batch: int, rounds: int, device: str, checkpointing: bool, scale: str = "small",
+    precision: str = "32",
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:  # fmt: skip
     """Wall-clock and process CPU seconds of each round's call of ours, MONAI's step and the conv3d,
     taking turns."""
-    fns = {name: _step_fn(name, size, batch, device, checkpointing) for name in NAMES}
-    fns["conv3d"] = _conv_fn(size, batch, device)
+    fns = {name: _step_fn(name, size, batch, device, checkpointing, scale, precision) for name in NAMES}
+    fns["conv3d"] = _conv_fn(size, batch, device, precision)
     for fn in fns.values():  # warm-up: allocator, optimizer state, oneDNN/cuDNN kernel choice
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -182,8 +224,14 @@ def paper_scale_flops() -> dict[str, tuple[int, int, int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument(
+        "--size", type=int, default=None, help="input size (default 32; 64 with --scale paper)"
+    )
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--scale", default="small", choices=list(TEXT),
+                        help="small: ~9 M-parameter UNets (CPU); paper: base-700m against MONAI at 701 M (GPU)")  # fmt: skip
+    parser.add_argument("--precision", default="32", choices=["32", "bf16"],
+                        help="bf16: both steps under bfloat16 autocast (as bf16-mixed training)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=5, help="timed rounds (each: one step of each model)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -193,7 +241,10 @@ def main() -> None:
         "--checkpointing", action="store_true", help="run our UNet with use_checkpointing=True (default off)"
     )
     args = parser.parse_args()
+    if args.size is None:
+        args.size = 64 if args.scale == "paper" else 32
     torch.set_num_threads(args.threads)
+    setup = (args.scale, args.precision)
 
     ctx = mp.get_context("spawn")
     results = {}
@@ -201,23 +252,27 @@ def main() -> None:
         queue = ctx.Queue()
         proc = ctx.Process(
             target=measure_memory,
-            args=(name, args.size, args.batch, args.device, args.checkpointing, args.threads, queue),
+            args=(name, args.size, args.batch, args.device, args.checkpointing, args.threads, queue, *setup),
         )
         with _malloc_env(args.device):
             proc.start()
         results[name] = queue.get()
         proc.join()
-    times, cpu_times = measure_time(args.size, args.batch, args.steps, args.device, args.checkpointing)
+    times, cpu_times = measure_time(
+        args.size, args.batch, args.steps, args.device, args.checkpointing, *setup
+    )
     sec = {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}  # medians: the figures
     best = {name: min(ts) for name, ts in times.items()}  # each one's least disturbed round
     cpu = {name: sorted(ts)[len(ts) // 2] for name, ts in cpu_times.items()}
-    ref_flops = _flops(_conv_fn(args.size, args.batch, args.device))
+    ref_flops = _flops(_conv_fn(args.size, args.batch, args.device, args.precision))
     for name in NAMES:
         results[name]["sec"] = sec[name]
 
     print(
-        f"training step, input {args.batch}x4x{args.size}^3 + {TEXT_LEN} text tokens of {TEXT_DIM}, "
-        f"device {args.device}, torch threads {torch.get_num_threads()}, "
+        f"training step, input {args.batch}x4x{args.size}^3 + {TEXT[args.scale][0]} text tokens of "
+        f"{TEXT[args.scale][1]}, {args.scale} scale, precision {args.precision}, "
+        f"device {args.device}{' (' + torch.cuda.get_device_name() + ')' if args.device == 'cuda' else ''}, "
+        f"torch threads {torch.get_num_threads()}, "
         f"our gradient checkpointing {'on' if args.checkpointing else 'off'}, median of {args.steps} rounds"
     )
     print(
@@ -285,6 +340,8 @@ def main() -> None:
             else {}
         ),
         "checkpointing": args.checkpointing,
+        "scale": args.scale,
+        "precision": args.precision,
         "device": args.device,
         "memory": "cuda_max_allocated" if args.device == "cuda" else "rss_growth_mmap_threshold_128k",
         "threads": torch.get_num_threads(),
