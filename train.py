@@ -1,16 +1,26 @@
-"""Train a medsyn model: `python train.py base|sr|text --config CONFIG.yaml [dotted.key=value ...]`."""
+"""Train a medsyn model: `python train.py base|sr|text|align --config CONFIG.yaml [dotted.key=value ...]`."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+# stage -> (module, its training function, what the run directory gets beside config.yaml and checkpoints/)
+STAGES = {
+    "base": ("medsyn.training.run", "train", "model.safetensors"),
+    "sr": ("medsyn.training.run", "train", "model.safetensors"),
+    "text": ("medsyn.training.text", "train_text", "text_encoder/, metrics.json"),
+    "align": ("medsyn.training.align", "train_align", "model.safetensors, metrics.json"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Train the medsyn base (text-to-64^3) or SR (256^3) model, or fine-tune the text encoder."
+        description="Train the medsyn base (text-to-64^3) or SR (256^3) model, fine-tune the text encoder, "
+        "or train the report-volume alignment (a word-patch dual encoder)."
     )
-    parser.add_argument("stage", choices=["base", "sr", "text"], help="which model to train")
+    parser.add_argument("stage", choices=list(STAGES), help="which model to train")
     parser.add_argument("--config", help="run config YAML (defaults of the stage when omitted)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. trainer.max_steps=20")
     args = parser.parse_intermixed_args(argv)
@@ -21,18 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         from medsyn.training.config import load_run_config
 
         cfg = load_run_config(args.stage, args.config, args.overrides)
-        if args.stage == "text":
-            from medsyn.training.text import train_text
-
-            run_dir = train_text(cfg)
-            print(
-                f"medsyn: run directory {run_dir} (config.yaml, checkpoints/last.ckpt, text_encoder/, metrics.json)"
-            )
-            return 0
-        from medsyn.training.run import train
-
-        run_dir = train(cfg)
-        print(f"medsyn: run directory {run_dir} (config.yaml, checkpoints/last.ckpt, model.safetensors)")
+        module, function, outputs = STAGES[args.stage]
+        run_dir = getattr(importlib.import_module(module), function)(cfg)
+        print(f"medsyn: run directory {run_dir} (config.yaml, checkpoints/last.ckpt, {outputs})")
         return 0
 
     return run_cli(run, f"train.py {args.stage}")

@@ -1,8 +1,10 @@
-"""Run configuration for `train.py base|sr|text`: defaults per stage, YAML file, dotted overrides.
+"""Run configuration for `train.py base|sr|text|align`: defaults per stage, YAML file, dotted overrides.
 
 Each section holds the arguments of what it builds: `model` the UNet (a preset and/or its arguments),
 `diffusion` `build_denoiser`, `loss` `DiffusionLoss`, `optim` `build_optimizer`, a conditioner section
-(`text`, `lowres`) its conditioner, `trainer` Lightning's `Trainer`. The defaults below are the one
+(`text`, `lowres`) its conditioner, `trainer` Lightning's `Trainer`. For `align` (medsyn.alignment):
+`model` the `VolumeEncoder`, `text` the `ReportEncoder`, `projection` the `AlignmentModel`'s shared
+space, `loss` the weights and pooling of its two contrastive losses. The defaults below are the one
 place defaults live; code passes sections on whole. Keys are checked: a typo in the YAML or on the
 command line is an error naming the key and the valid ones.
 """
@@ -15,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from medsyn.conditioning import CONDITIONERS
@@ -153,12 +156,51 @@ TEXT_RUN: dict[str, Any] = {
 }
 
 
+# `train.py align`: a dual encoder aligning report words with volume patches (the second seed paper's
+# fine-grained alignment, in 3D) on the base stage's data; the run exports model.safetensors, metrics.json.
+ALIGN_RUN: dict[str, Any] = {
+    "stage": "align",
+    "run_dir": "runs/align",
+    "seed": 0,
+    "resume": "auto",
+    "overwrite": False,
+    "model": {"preset": "align-base"},  # VolumeEncoder preset and/or arguments (medsyn.alignment.model)
+    "text": {  # ReportEncoder arguments
+        "model": "microsoft/BiomedVLP-CXR-BERT-specialized",  # local directory or hub name
+        "max_length": 192,
+        "freeze": True,  # false: fine-tune the text encoder with the rest
+        "pool": "mean",  # the report's global feature: mean of its word features, or cls
+        "trust_remote_code": False,
+        "revision": None,
+    },
+    "projection": {"dim": 256, "temperature": 0.07, "learn_temperature": True},  # the shared space
+    "loss": {
+        "global_weight": 1.0,  # report-volume InfoNCE
+        "local_weight": 1.0,  # word-patch InfoNCE
+        "local_pool": "max",  # a word's score over the patches (a patch's over the words): max or softmax
+        "softmax_temperature": 0.1,  # of local_pool=softmax
+    },
+    "data": {
+        "root": "data/cache",  # a prepared cache (the base stage's lr stacks and reports)
+        "batch_size": 32,  # per device: the pairs each pair is contrasted with
+        "num_workers": 4,
+        "text": "both",  # findings | impression | both
+        "phantoms": None,  # {n, size, seed, ...}: generate and prepare phantoms when data.root has no cache
+    },
+    "effective_batch_size": 32,  # more than batch_size x devices accumulates gradients, not negatives
+    "optim": {"lr": 1.0e-4, "betas": [0.9, 0.999], "weight_decay": 0.05, "eps": 1.0e-8, "warmup_steps": 500},
+    "checkpoint": {"every_n_steps": 1000, "keep": 2},
+    "logger": _COMMON["logger"],
+    "trainer": {**_COMMON["trainer"], "max_steps": 20000},
+}
+
+
 def defaults(stage: str) -> dict[str, Any]:
-    """The default run config of a stage ("base", "sr" or "text")."""
-    if stage == "text":
-        return to_container(OmegaConf.create(TEXT_RUN))
+    """The default run config of a stage ("base", "sr", "text" or "align")."""
+    if stage in ("text", "align"):
+        return to_container(OmegaConf.create(TEXT_RUN if stage == "text" else ALIGN_RUN))
     if stage not in STAGES:
-        raise ConfigError(f"unknown stage '{stage}'; expected one of {', '.join([*STAGES, 'text'])}")
+        raise ConfigError(f"unknown stage '{stage}'; expected one of {', '.join([*STAGES, 'text', 'align'])}")
     merged = OmegaConf.merge(_COMMON, {"stage": stage, "run_dir": f"runs/{stage}"}, STAGES[stage])
     return to_container(merged)
 
@@ -180,6 +222,9 @@ def load_run_config(stage: str, path: str | os.PathLike | None, overrides: Seque
     open_keys = ["model", "text", "trainer", "data.phantoms", "ema.device"]
     if stage == "text":
         open_keys = ["model.scratch", "trainer", "data.phantoms"]
+    elif stage == "align":
+        open_keys = ["model", "trainer", "data.phantoms"]
+    diffusion = stage in STAGES  # base and sr: keys of earlier versions are moved
     if path is not None:
         file_cfg = load_yaml(path)
         if "stage" in file_cfg and file_cfg.stage != stage:
@@ -191,7 +236,7 @@ def load_run_config(stage: str, path: str | os.PathLike | None, overrides: Seque
                 f"{path}: text_bootstrap was replaced by `train.py text` (from scratch with model.name=null); "
                 "train an encoder with it and set text.model to its run's text_encoder/ (see configs/demo/)"
             )
-        file_cfg = _upgraded(file_cfg, stage, str(path)) if stage != "text" else file_cfg
+        file_cfg = _upgraded(file_cfg, stage, str(path)) if diffusion else file_cfg
         cfg = merge_checked(cfg, file_cfg, str(path), open_keys)
         if (
             "model" in file_cfg and stage != "text"
@@ -199,11 +244,11 @@ def load_run_config(stage: str, path: str | os.PathLike | None, overrides: Seque
             cfg.model = file_cfg.model
     if overrides:
         dotlist = parse_overrides(overrides)
-        dotlist = _upgraded(dotlist, stage, "the command-line overrides") if stage != "text" else dotlist
+        dotlist = _upgraded(dotlist, stage, "the command-line overrides") if diffusion else dotlist
         cfg = merge_checked(cfg, dotlist, "the command-line overrides", open_keys)
     where = str(path) if path else "the config"
     where = f"{where} with the command-line overrides" if overrides else where
-    (validate_text if stage == "text" else validate)(cfg, where)
+    {"text": validate_text, "align": validate_align}.get(stage, validate)(cfg, where)
     return cfg
 
 
@@ -276,13 +321,21 @@ def validate(cfg: DictConfig, where: str) -> None:
         value = cfg.data.batch_size if key == "batch_size" else cfg.effective_batch_size
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{where}: {key}={value!r}; expected a positive integer")
-    for key, minimum, what in _INTEGERS:
+    _check_settings(cfg, where, _INTEGERS, _NUMBERS)
+    decay = cfg.ema.decay
+    if decay is not None and not 0.0 < float(decay) < 1.0:
+        raise ConfigError(f"{where}: ema.decay={decay}; expected a number in (0, 1) or null to disable EMA")
+
+
+def _check_settings(cfg: DictConfig, where: str, integers: Sequence[tuple], numbers: Sequence[tuple]) -> None:
+    """The integer and number settings a stage reads itself, optim.betas and resume."""
+    for key, minimum, what in integers:
         value = OmegaConf.select(cfg, key)
         if value is None and key == "trainer.max_steps":
             continue
         if not _is_int(value) or value < minimum:
             raise ConfigError(f"{where}: {key}={value!r}; expected {what}")
-    for key, low, low_open, what in _NUMBERS:
+    for key, low, low_open, what in numbers:
         value = OmegaConf.select(cfg, key)
         if not _is_number(value) or not math.isfinite(value) or value < low or (low_open and value == low):
             raise ConfigError(f"{where}: {key}={value!r}; expected {what}")
@@ -291,9 +344,46 @@ def validate(cfg: DictConfig, where: str) -> None:
         raise ConfigError(f"{where}: optim.betas={betas!r}; expected two numbers in [0, 1)")
     if str(cfg.resume) not in ("auto", "never") and not str(cfg.resume).endswith(".ckpt"):
         raise ConfigError(f"{where}: resume={cfg.resume!r}; expected auto, never or a path to a .ckpt file")
-    decay = cfg.ema.decay
-    if decay is not None and not 0.0 < float(decay) < 1.0:
-        raise ConfigError(f"{where}: ema.decay={decay}; expected a number in (0, 1) or null to disable EMA")
+
+
+def validate_align(cfg: DictConfig, where: str) -> None:
+    """Check a `train.py align` config: the volume encoder, the text, projection and loss settings, the
+    usual numbers."""
+    from medsyn.alignment.losses import LOCAL_POOLS
+    from medsyn.alignment.model import POOLS, VolumeEncoder, volume_encoder_config
+
+    spec = volume_encoder_config(to_container(cfg.model), f"{where}: model")
+    try:
+        with torch.device("meta"):  # the constructor's checks, without memory
+            VolumeEncoder(**spec)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: model: {err}") from err
+    _check_trainer(cfg, where)
+    for key, allowed in (("text.pool", POOLS), ("loss.local_pool", LOCAL_POOLS), ("data.text", TEXT_MODES)):
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {key}={value!r}; expected one of {', '.join(allowed)}")
+    for key in ("text.freeze", "text.trust_remote_code", "projection.learn_temperature"):
+        if not isinstance(OmegaConf.select(cfg, key), bool):
+            raise ConfigError(f"{where}: {key}={OmegaConf.select(cfg, key)!r}; expected true or false")
+    if not cfg.text.model or not isinstance(cfg.text.model, str):
+        raise ConfigError(f"{where}: text.model={cfg.text.model!r}; expected a model directory or hub name")
+    integers = (*_INTEGERS[:6], ("text.max_length", 8, "an integer >= 8 (tokens)"),
+                ("projection.dim", 1, "a positive integer"),
+                ("data.batch_size", 2, "an integer >= 2 (a contrastive batch needs negatives)"),
+                ("effective_batch_size", 1, "a positive integer"))  # fmt: skip
+    numbers = (*_NUMBERS, ("projection.temperature", 0.0, True, "a number in (0, 1], e.g. 0.07"),
+               ("loss.global_weight", 0.0, False, "a number >= 0"), ("loss.local_weight", 0.0, False, "a number >= 0"),
+               ("loss.softmax_temperature", 0.0, True, "a number > 0, e.g. 0.1"))  # fmt: skip
+    _check_settings(cfg, where, integers, numbers)
+    if cfg.projection.temperature > 1.0:
+        raise ConfigError(
+            f"{where}: projection.temperature={cfg.projection.temperature!r}; expected a number in (0, 1]"
+        )
+    if cfg.loss.global_weight == 0 and cfg.loss.local_weight == 0:
+        raise ConfigError(
+            f"{where}: loss.global_weight and loss.local_weight are both 0; expected one above 0"
+        )
 
 
 # (key, minimum, what is expected) of the integer settings medsyn reads itself

@@ -1,0 +1,46 @@
+"""Fine-grained report-volume alignment (the second seed paper's section 2.2, in 3D): a dual encoder of
+volume patches and report words (`model`), its contrastive losses (`losses`), held-out measures
+(`metrics`) and the loader of a trained run (`run`). `train.py align` trains it (medsyn.training.align).
+"""
+
+from medsyn.alignment.losses import (
+    LOCAL_POOLS,
+    global_contrastive_loss,
+    info_nce,
+    local_contrastive_loss,
+    word_patch_scores,
+)
+from medsyn.alignment.metrics import chance_accuracy, report_positives, retrieval_accuracy
+from medsyn.alignment.model import (
+    POOLS,
+    PRESETS,
+    AlignmentModel,
+    ReportEncoder,
+    VolumeEncoder,
+    build_alignment_model,
+    patch_box,
+)
+from medsyn.alignment.run import AlignRun, load_align_run
+from medsyn.alignment.words import tokenize_words, word_pooling
+
+__all__ = [
+    "LOCAL_POOLS",
+    "POOLS",
+    "PRESETS",
+    "AlignRun",
+    "AlignmentModel",
+    "ReportEncoder",
+    "VolumeEncoder",
+    "build_alignment_model",
+    "chance_accuracy",
+    "global_contrastive_loss",
+    "info_nce",
+    "load_align_run",
+    "local_contrastive_loss",
+    "patch_box",
+    "report_positives",
+    "retrieval_accuracy",
+    "tokenize_words",
+    "word_patch_scores",
+    "word_pooling",
+]
