@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch.nn import functional as F
-from training_fixtures import make_cache, make_text_model
+from training_fixtures import align_overrides, make_cache, make_text_model
 
 from medsyn.alignment import (
     PRESETS,
@@ -55,16 +55,7 @@ def assets(tmp_path_factory):
 
 
 def overrides(assets, run_dir, **extra) -> list[str]:
-    args = {
-        "run_dir": run_dir, "model.preset": "align-tiny", "text.model": assets["bert"], "text.max_length": 64,
-        "projection.dim": 16, "data.root": assets["cache"], "data.num_workers": 0, "data.batch_size": 4,
-        "effective_batch_size": 4, "optim.warmup_steps": 0, "trainer.max_steps": 2, "trainer.accelerator": "cpu",
-        "trainer.precision": "32", "trainer.val_check_interval": 2, "trainer.log_every_n_steps": 1,
-        "trainer.enable_model_summary": False, "trainer.enable_progress_bar": False, "checkpoint.every_n_steps": 2,
-        "logger.kind": "csv",
-    }  # fmt: skip
-    args.update(extra)
-    return [f"{k}={v}" for k, v in args.items()]
+    return align_overrides(assets["cache"], assets["bert"], run_dir, **extra)
 
 
 # ---- words -----------------------------------------------------------------------------------------

@@ -48,3 +48,18 @@ def make_text_model(root: Path, hidden_size: int = 32) -> Path:
 
     texts = [f"FINDINGS: {f} IMPRESSION: {i}" for f, i in REPORTS] * 4
     return build_tiny_bert(root, texts, hidden_size=hidden_size, num_layers=1, num_heads=2, vocab_size=200)
+
+
+def align_overrides(cache: Path, bert: Path, run_dir: Path, **extra) -> list[str]:
+    """Dotted overrides for a 2-step `train.py align` run on a `make_cache` cache (8^3 base grid, 4^3-voxel
+    patches, 16-dim embeddings, CPU)."""
+    args = {
+        "run_dir": run_dir, "model.preset": "align-tiny", "text.model": bert, "text.max_length": 64,
+        "projection.dim": 16, "data.root": cache, "data.num_workers": 0, "data.batch_size": 4,
+        "effective_batch_size": 4, "optim.warmup_steps": 0, "trainer.max_steps": 2, "trainer.accelerator": "cpu",
+        "trainer.precision": "32", "trainer.val_check_interval": 2, "trainer.log_every_n_steps": 1,
+        "trainer.enable_model_summary": False, "trainer.enable_progress_bar": False, "checkpoint.every_n_steps": 2,
+        "logger.kind": "csv",
+    }  # fmt: skip
+    args.update(extra)
+    return [f"{k}={v}" for k, v in args.items()]

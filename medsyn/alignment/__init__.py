@@ -1,8 +1,10 @@
 """Fine-grained report-volume alignment (the second seed paper's section 2.2, in 3D): a dual encoder of
 volume patches and report words (`model`), its contrastive losses (`losses`), held-out measures
-(`metrics`) and the loader of a trained run (`run`). `train.py align` trains it (medsyn.training.align).
+(`metrics`), the loader of a trained run (`run`), and the visual codebook of keypatches with their
+retrieval for a report (`codebook`). `train.py align` trains it (medsyn.training.align).
 """
 
+from medsyn.alignment.codebook import Codebook, Keypatch, Retrieval, keypatch_tokens, retrieve_for_report
 from medsyn.alignment.losses import (
     LOCAL_POOLS,
     global_contrastive_loss,
@@ -29,17 +31,22 @@ __all__ = [
     "PRESETS",
     "AlignRun",
     "AlignmentModel",
+    "Codebook",
+    "Keypatch",
     "ReportEncoder",
+    "Retrieval",
     "VolumeEncoder",
     "build_alignment_model",
     "chance_accuracy",
     "global_contrastive_loss",
     "info_nce",
+    "keypatch_tokens",
     "load_align_run",
     "local_contrastive_loss",
     "patch_box",
     "report_positives",
     "retrieval_accuracy",
+    "retrieve_for_report",
     "tokenize_words",
     "word_patch_scores",
     "word_pooling",
