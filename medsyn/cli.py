@@ -22,6 +22,9 @@ COMMANDS: dict[str, str] = {
     "controllability": "controllability",
     "vocab": "vocab",
     "prompts": "prompts",
+    "codebook": "codebook",
+    "keypatches": "keypatches",
+    "align-map": "align_map",
 }
 
 

@@ -287,6 +287,100 @@ def render_volume(
                    kwargs.pop("window", WINDOWS["full"]), kwargs.pop("panel", 256), **kwargs)  # fmt: skip
 
 
+HEAT_CMAP = "inferno"
+HEAT_ALPHA = 0.7  # opacity of the overlay at the top of its range; it falls to 0 at the bottom
+MARK_COLOR = "#39ff6a"
+
+
+def render_heat(
+    ct_hu: ArrayLike,
+    heat: ArrayLike,
+    spacing: Sequence[float] | np.ndarray = (1.0, 1.0, 1.0),
+    title: str | None = None,
+    value_range: tuple[float, float] | None = None,
+    label: str = "value",
+    mark: Sequence[int] | None = None,
+    window: tuple[float, float] | str = WINDOWS["full"],
+    panel: int = 256,
+) -> np.ndarray:
+    """Axial, coronal and sagittal slices through the voxel `mark` (i, j, k of the arrays as given; default
+    the maximum of `heat`) of a map `heat` (I, J, K) on the CT's grid (e.g. a word's similarity), over the
+    CT (I, J, K, HU) in grey, with that voxel circled.
+
+    The map is a semi-transparent overlay whose opacity grows with its value from 0 at the bottom of
+    `value_range` (default: the map's finite min..max) to `HEAT_ALPHA` at the top, so low values leave
+    the CT in view; NaN voxels (no value) stay clear. A colour bar named `label` gives the scale.
+    `spacing`: voxel size in mm or a 4x4 affine (any orientation is shown in RAS, as `render_preview`).
+    Returns RGB uint8 (H, W, 3).
+    """
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import ListedColormap, Normalize
+
+    ct, heat = _numpy(ct_hu), np.asarray(_numpy(heat), np.float32)
+    _check_volume("ct", ct)
+    _check_volume("heat", heat, ct.shape)
+    finite = np.isfinite(heat)
+    if mark is None:
+        best = np.argmax(np.where(finite, heat, -np.inf)) if finite.any() else np.ravel_multi_index(
+            [n // 2 for n in heat.shape], heat.shape)  # fmt: skip
+        mark = np.unravel_index(int(best), heat.shape)
+    if len(mark) != 3 or any(not 0 <= int(v) < n for v, n in zip(mark, heat.shape, strict=True)):
+        raise ValueError(f"mark {tuple(mark)} out of range for a volume of shape {heat.shape}")
+    marked = np.zeros(heat.shape, bool)
+    marked[tuple(int(v) for v in mark)] = True
+    ct, sp = _orient(ct, spacing)
+    heat, marked, finite = (_orient(v, spacing)[0] for v in (heat, marked, finite))
+    i, j, k = (int(v[0]) for v in np.nonzero(marked))  # the marked voxel in RAS order
+    lo, hi = value_range or (
+        (float(heat[finite].min()), float(heat[finite].max())) if finite.any() else (0.0, 1.0)
+    )
+    norm = Normalize(lo, hi if hi > lo else lo + 1e-6, clip=True)
+    cmap = ListedColormap(colormaps[HEAT_CMAP](np.linspace(0.25, 1.0, 256)))  # without its black end
+    w_lo, w_hi = WINDOWS[window] if isinstance(window, str) else window
+    views = [("axial", f"k={k}/{ct.shape[2]}"), ("coronal", f"j={j}/{ct.shape[1]}"),
+             ("sagittal", f"i={i}/{ct.shape[0]}")]  # fmt: skip
+    # the maximum in each display plane: columns and rows as `_planes` lays them out
+    marks = [(ct.shape[0] - 1 - i, ct.shape[1] - 1 - j), (ct.shape[0] - 1 - i, ct.shape[2] - 1 - k),
+             (ct.shape[1] - 1 - j, ct.shape[2] - 1 - k)]  # fmt: skip
+    aspects = {"axial": sp[1] / sp[0], "coronal": sp[2] / sp[0], "sagittal": sp[2] / sp[1]}
+    pad, head, bar = 6, 22, 54
+    width = pad + 3 * (panel + pad)
+    lines = textwrap.wrap(title, max(20, int(width / 7.2)))[:3] if title else []
+    top = 8 + 16 * len(lines)
+    height = top + head + panel + bar
+    fig = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI, facecolor=_BG)
+    FigureCanvasAgg(fig)
+    if lines:
+        fig.text(0.5, 1 - 6 / height, "\n".join(lines), ha="center", va="top", color=_FG, fontsize=10)
+    y0 = height - top - head - panel
+    for c, (ct_plane, heat_plane, (view, where), (x, y)) in enumerate(
+        zip(_planes(ct, i, j, [k]), _planes(heat, i, j, [k]), views, marks, strict=True)
+    ):
+        ax = fig.add_axes([(pad + c * (panel + pad)) / width, y0 / height, panel / width, panel / height])
+        ax.set_facecolor("black")
+        ax.set_axis_off()
+        grey = np.clip((ct_plane.astype(np.float32) - w_lo) / (w_hi - w_lo), 0.0, 1.0)
+        ax.imshow(np.repeat(grey[..., None], 3, axis=-1), aspect=aspects[view], interpolation="nearest",
+                  resample=False)  # fmt: skip
+        level = norm(np.nan_to_num(heat_plane, nan=lo)).filled(0.0)
+        overlay = cmap(level)
+        overlay[..., 3] = np.where(np.isfinite(heat_plane), HEAT_ALPHA * level, 0.0)
+        ax.imshow(overlay, aspect=aspects[view], interpolation="nearest", resample=False)
+        ax.plot([x], [y], marker="o", markersize=11, markerfacecolor="none", markeredgecolor=MARK_COLOR,
+                markeredgewidth=1.4)  # fmt: skip
+        ax.plot([x], [y], marker="+", markersize=5, color=MARK_COLOR, markeredgewidth=1.0)
+        ax.set_title(f"{view}  {where}", color=_FG, fontsize=9, pad=3)
+        _edge_labels(ax, view)
+    cax = fig.add_axes([0.25, 36 / height, 0.5, 9 / height])
+    colorbar = fig.colorbar(ScalarMappable(norm, cmap), cax=cax, orientation="horizontal")
+    colorbar.set_label(f"{label} (circled: {float(heat[i, j, k]):.3g})", color=_FG, fontsize=8, labelpad=1)
+    colorbar.ax.tick_params(colors=_FG, labelsize=7, length=2)
+    colorbar.outline.set_edgecolor(_FG)
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
 def _outline(ax, planes: Mapping[str, np.ndarray]) -> None:
     """Draw lobe borders in the lobe colours and the other masks' outlines as thin lines."""
     if min(next(iter(planes.values())).shape, default=0) < 2:
@@ -298,6 +392,14 @@ def _outline(ax, planes: Mapping[str, np.ndarray]) -> None:
     for name, color in _binary_colors(planes).items():
         if (m := planes[name] > 0).any():
             ax.contour(m, levels=[0.5], colors=[color], linewidths=MASK_WIDTH)
+
+
+def _edge_labels(ax, view: str) -> None:
+    """The patient directions at the four edges of a panel (R | L, A / P, S / I)."""
+    for (x, y, ha, va), s in zip(((0.01, 0.5, "left", "center"), (0.99, 0.5, "right", "center"),
+                                  (0.5, 0.99, "center", "top"), (0.5, 0.01, "center", "bottom")),
+                                 _EDGES[view], strict=True):  # fmt: skip
+        ax.text(x, y, s, transform=ax.transAxes, ha=ha, va=va, color="#ffd24a", fontsize=8)
 
 
 def _render(ct_planes, mask_planes, sp, at, shape, title, window, panel) -> np.ndarray:
@@ -338,10 +440,7 @@ def _render(ct_planes, mask_planes, sp, at, shape, title, window, panel) -> np.n
                 _outline(ax, mask_planes[c])
             else:
                 ax.set_title(f"{view}  {where}", color=_FG, fontsize=9, pad=3)
-            for (x, y, ha, va), s in zip(((0.01, 0.5, "left", "center"), (0.99, 0.5, "right", "center"),
-                                          (0.5, 0.99, "center", "top"), (0.5, 0.01, "center", "bottom")),
-                                         _EDGES[view], strict=True):  # fmt: skip
-                ax.text(x, y, s, transform=ax.transAxes, ha=ha, va=va, color="#ffd24a", fontsize=8)
+            _edge_labels(ax, view)
     if names:
         colors = {LOBE_NAMES[k]: c for k, c in LOBE_COLORS.items()} if "lobes" in names else {}
         colors |= _binary_colors(dict.fromkeys(names))

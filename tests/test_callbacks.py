@@ -27,7 +27,9 @@ class Holder(torch.nn.Module):
 def test_ema_follows_the_moving_average_and_swaps_back():
     module = Holder()
     trainer = SimpleNamespace(
-        global_step=0, state=SimpleNamespace(fn="fit"), strategy=SimpleNamespace(root_device=torch.device("cpu"))
+        global_step=0,
+        state=SimpleNamespace(fn="fit"),
+        strategy=SimpleNamespace(root_device=torch.device("cpu")),
     )
     ema = EMA(decay=0.5)
     ema.setup(trainer, module, "fit")

@@ -44,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default="cpu", choices=["cpu", "cuda"], help="device of the feature networks"
     )
+    parser.add_argument("--align", metavar="RUN",
+                        help="a `train.py align` run: score each sample against its prompt (report-volume and "
+                             "word-patch similarity), with the --real volumes and their own and others' reports "
+                             "as the reference")  # fmt: skip
     parser.add_argument("--wandb", metavar="PROJECT", nargs="?", const="medsyn-evaluate",
                         help="also log to W&B (offline without a login), project default medsyn-evaluate")  # fmt: skip
     parser.add_argument(
@@ -72,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         backend=args.backend, features=args.features, features_2d=args.features_2d, voxel_size=args.voxel_size,
         feature_size=args.feature_size, slices_per_plane=args.slices_per_plane,
         percentile=args.percentile, workers=args.workers, device=args.device, cache_grid=args.cache_grid,
+        align=args.align,
     )  # fmt: skip
     began = time.perf_counter()
     result = evaluate(args.samples, args.real, args.train, options, args.real_split, args.train_split)

@@ -3,8 +3,9 @@
 Every volume is read once: samples and real volumes are measured (`measures.measure_volume`, the CT
 re-segmented by the backend, plus their own masks when present) and get 3D and 2.5D features; training
 volumes get features and a voxel signature for the memorization audit. Then the distribution
-distances (FID, MMD, 2.5D FID, Wasserstein distance of every measure), the audit, and the outputs:
-metrics.json, report.md and plots (see `medsyn.evaluation.report`).
+distances (FID, MMD, 2.5D FID, Wasserstein distance of every measure), the audit, with an align run
+the report-volume alignment score of the samples against their prompts (`medsyn.evaluation.alignment`),
+and the outputs: metrics.json, report.md and plots (see `medsyn.evaluation.report`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class EvaluateOptions:
     device: str = "cpu"
     progress: bool | None = None  # tqdm bar (None: on a terminal)
     cache_grid: str = "hr"  # which stack of a prepared cache --real / --train read: hr, or lr (the base grid)
+    align: str | None = None  # a `train.py align` run: score samples against their prompts (`alignment`)
 
 
 @dataclass
@@ -274,6 +276,13 @@ def evaluate(
     from medsyn.data.segment import get_backend
 
     get_backend(options.backend)  # an unknown backend or bad weights fail here, before any volume is read
+    align = None
+    if options.align is not None:  # a bad run fails here too
+        from medsyn.alignment.maps import align_grid
+        from medsyn.alignment.run import load_align_run
+
+        align = load_align_run(options.align, options.device)
+        align_grid(align)
     extractor = build_extractor(options)
     info = {"label_3d": extractor.label_3d, "label_2d": extractor.label_2d,
             "trained_3d": extractor.trained_3d, "trained_2d": extractor.trained_2d}  # fmt: skip
@@ -346,6 +355,17 @@ def evaluate(
             "percentile": options.percentile,
             "feature_size": options.feature_size,
             "slices_per_plane": options.slices_per_plane,
+            "align": None if options.align is None else str(options.align),
         },
     }
+    if align is not None:
+        from medsyn.evaluation.alignment import alignment_scores
+
+        scores = alignment_scores(align, sources["samples"], sources["real"],
+                                  lambda: get_backend(options.backend), log)  # fmt: skip
+        metrics["alignment"] = scores
+        for group, out in (("samples", samples_out), ("real", real_out)):
+            for key, value in scores[group].items():
+                if key in out:
+                    out[key]["alignment"] = value
     return Evaluation(metrics, result_audit, {k: refs["samples"][k] for k in samples_out})

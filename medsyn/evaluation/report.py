@@ -1,7 +1,8 @@
 """The outputs of `medsyn evaluate`: metrics.json, report.md, plots, and optionally a W&B run.
 
 Files written into the output folder (each atomically, only after every volume is measured):
-    metrics.json   samples / real per-volume measures, distribution distances, summary, audit
+    metrics.json   samples / real per-volume measures, distribution distances, summary, audit, and
+                   with --align the alignment scores (`alignment`)
     report.md      the tables, naming the features every distance was computed on
     measures.png   per-measure distributions of samples and real volumes (as MedSyn's Fig. 5)
     montage.png    previews of the first samples
@@ -174,6 +175,42 @@ def consistency_table(metrics: dict) -> str | None:
                    for k in keys])  # fmt: skip
 
 
+def _mean_se(stat: dict) -> str:
+    if stat.get("mean") is None:
+        return "-"
+    return _fmt(stat["mean"]) + (f" ± {_fmt(stat['se'])}" if stat.get("se") is not None else "")
+
+
+_ALIGN_ROWS = {
+    "samples": "samples with their prompts",
+    "real_matched": "real volumes with their own reports",
+    "real_mismatched": "real volumes with the other reports (mismatched)",
+}
+
+
+def alignment_section(alignment: dict) -> str:
+    """The alignment scores of the samples against those of matched and mismatched real pairs."""
+    run, grid, summary = alignment["align_run"], alignment["grid"], alignment["summary"]
+    rows = [[label, str(summary[group]["global"]["n"]), _mean_se(summary[group]["global"]),
+             _mean_se(summary[group]["fine"])] for group, label in _ALIGN_ROWS.items()]  # fmt: skip
+    shape = "x".join(str(n) for n in grid["base_shape"])
+    lines = [
+        f"Align run `{run['run_dir']}` (sha256 {run['sha256'][:12]}), volumes on its base grid of {shape} "
+        f"voxels at {_fmt(grid['spacing_mm'][0])} mm in {grid['patch_size']}^3-voxel patches. Global: cosine "
+        "similarity of the report and volume embeddings (as the CLIP score with CT-CLIP); word-patch: mean over "
+        "the report's words of each word's best patch similarity. Mean ± bootstrap standard error.",
+        "",
+        _table(["pairs", "n", "global (mean ± SE)", "word-patch (mean ± SE)"], rows),
+        "",
+        "Samples scoring like the matched real pairs show what their prompts ask for as clearly as real "
+        "volumes show their reports; scoring like the mismatched pairs, no more than chance.",
+    ]
+    if alignment["skipped"]:
+        skipped = ", ".join(f"`{s['id']}` ({s['role']}: {s['reason']})" for s in alignment["skipped"])
+        lines += ["", f"Not scored: {skipped}."]
+    return "\n".join(lines)
+
+
 def render_report(metrics: dict, plots: list[str]) -> str:
     """report.md: inputs, features used, the measures, distances, consistency, audit, truth, failures."""
     inputs, dist = metrics["inputs"], metrics["distribution"]
@@ -205,6 +242,8 @@ def render_report(metrics: dict, plots: list[str]) -> str:
         parts += ["", "Scores on random features are a weak baseline that only ranks runs against each other "
                   "on the same machine and settings; pass `--features` (and `--features-2d`) with trained "
                   "weights for numbers comparable with papers."]  # fmt: skip
+    if metrics.get("alignment"):
+        parts += ["", "## Report-volume alignment", "", alignment_section(metrics["alignment"])]
     table = consistency_table(metrics)
     if table:
         parts += ["", "## Mask consistency", "", table]
@@ -303,6 +342,10 @@ def log_wandb(metrics: dict, out: Path, plots: list[str], project: str, name: st
             flat[f"distribution/{dist['fid_25d']['metric']}"] = dist["fid_25d"]["mean"]
         for key, value in dist.get("wasserstein", {}).items():
             flat[f"distribution/wasserstein/{key}"] = value
+        for group, stat in (metrics.get("alignment") or {}).get("summary", {}).items():
+            for score in ("global", "fine"):
+                if stat[score]["mean"] is not None:
+                    flat[f"alignment/{group}/{score}"] = stat[score]["mean"]
         flat["audit/near_copies"] = sum(bool(s.get("near_copy")) for s in metrics["samples"].values())
         columns = ["group", "id", *MEASURES, "near_copy"]
         table = wandb.Table(columns=columns)

@@ -167,6 +167,33 @@ def find_volumes(path: str | os.PathLike, split: str | None = None, grid: str = 
     )
 
 
+def volume_ref(path: str | os.PathLike, masks: dict[str, str | os.PathLike] | None = None) -> VolumeRef:
+    """One volume: a folder holding `ct.nii.gz` (a sample folder or a phantom subject, with the masks
+    and meta.json beside it) or a NIfTI CT file, whose masks `masks` names (channel -> NIfTI file)."""
+    path = Path(path)
+    masks = {name: Path(p) for name, p in (masks or {}).items()}
+    for name, mask_path in masks.items():
+        if name not in MASK_CHANNELS:
+            raise DataError(
+                f"mask {name}={mask_path}: unknown channel; expected one of {', '.join(MASK_CHANNELS)}"
+            )
+        if not mask_path.is_file():
+            raise DataError(f"{mask_path}: no such {name} mask file")
+    if path.is_dir():
+        if not (path / "ct.nii.gz").is_file():
+            raise DataError(f"{path}: no ct.nii.gz in this folder; expected a sample or phantom subject folder "
+                            "or a NIfTI CT file")  # fmt: skip
+        ref = _sample_ref(path)
+    elif path.is_file():
+        if _nifti_stem(path) is None:
+            raise DataError(f"{path}: expected a NIfTI CT file (.nii or .nii.gz) or a sample folder")
+        ref = VolumeRef(_nifti_stem(path) or path.name, str(path), ct=path)
+    else:
+        raise DataError(f"{path}: no such volume file or folder")
+    ref.masks.update(masks)
+    return ref
+
+
 def _cache_affine(cached: Path, shape: tuple[int, ...]) -> np.ndarray:
     """The array's grid affine from the subject's meta.json (a 1 mm grid centred at 0 if absent)."""
     try:

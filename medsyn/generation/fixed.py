@@ -12,12 +12,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 
-from medsyn.data.channels import CHANNELS, HU_MIN, NUM_LOBE_LABELS, decode_channel, downsample, encode_channel
-from medsyn.data.grid import Grid
+from medsyn.data.channels import CHANNELS, NUM_LOBE_LABELS, downsample, encode_channel
+from medsyn.data.grid import Grid, bring_to_grid
 from medsyn.data.nifti import load_nifti
 from medsyn.errors import DataError
 from medsyn.weights import sha256_file
@@ -72,49 +71,6 @@ def validate_channel(name: str, values: np.ndarray, path: str | os.PathLike) -> 
         bad = np.setdiff1d(np.unique(values), [0, 1])
         if bad.size:
             raise DataError(f"{path}: {name} mask has values {_show(bad)}; expected a binary mask of 0 and 1")
-
-
-def _on_grid(shape: Sequence[int], affine: np.ndarray, grid: Grid) -> bool:
-    """True when a volume already lies on `grid`: same shape, RAS axes and spacing."""
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    return (
-        tuple(shape) == tuple(grid.shape)
-        and nib.aff2axcodes(affine) == ("R", "A", "S")
-        and np.allclose(spacing, grid.spacing, rtol=1e-3)
-    )
-
-
-def bring_to_grid(
-    name: str, values: np.ndarray, affine: np.ndarray, grid: Grid, path: str | os.PathLike,
-    hr_grid: Grid | None = None, factor: int = 1,
-) -> tuple[np.ndarray, str]:  # fmt: skip
-    """`values` on `grid`, and how it got there: as is, `factor`^3 blocks of `hr_grid` decoded from their
-    mean (lobes: majority; the cache's own downsampling), or resampled by the `medsyn prepare` chain
-    (RAS, spacing, crop/pad)."""
-    if _on_grid(values.shape, affine, grid):
-        return values, "on the run's grid"
-    if hr_grid is not None and factor > 1 and _on_grid(values.shape, affine, hr_grid):
-        coarse = downsample(np.asarray(encode_channel(name, values), np.float32)[None], factor, [name])[0]
-        return decode_channel(name, coarse), f"{factor}^3 block averages of the run's high-resolution grid"
-    from medsyn.data.preprocess import PreprocessConfig, to_grid
-
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    extent = np.asarray(values.shape) * spacing
-    target = np.asarray(grid.shape) * np.asarray(grid.spacing)
-    if np.any(extent < 0.5 * target) or np.any(extent > 4.0 * target) or min(values.shape) < 2:
-        raise DataError(
-            f"{path}: shape {tuple(values.shape)} at {np.round(spacing, 3).tolist()} mm covers "
-            f"{np.round(extent).tolist()} mm, cannot be brought onto the run's grid of {list(grid.shape)} voxels "
-            f"at {list(grid.spacing)} mm ({np.round(target).tolist()} mm); expected a volume covering "
-            "about the same field of view, or one on the run's grid"
-        )
-    cfg = PreprocessConfig(size=tuple(grid.shape), spacing_mm=tuple(grid.spacing))
-    if name == "ct":
-        out, _, _ = to_grid(values, affine, {}, cfg)
-    else:
-        _, masks, _ = to_grid(np.full(values.shape, HU_MIN, np.float32), affine, {name: values}, cfg)
-        out = masks[name]
-    return out, f"resampled from {list(values.shape)} at {np.round(spacing, 4).tolist()} mm"
 
 
 @dataclass

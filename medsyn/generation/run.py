@@ -18,8 +18,7 @@ import torch
 
 from medsyn.conditioning.text import looks_like_path
 from medsyn.data.channels import ENCODING
-from medsyn.data.grid import LR_FACTOR, Grid
-from medsyn.data.nifti import spacing_affine
+from medsyn.data.grid import LR_FACTOR, Grid, run_grid
 from medsyn.errors import DataError, MedsynError
 from medsyn.generation.model import DiffusionModel, build_diffusion_model, upgrade_config
 from medsyn.weights import WEIGHTS_FILE, load_weights, sha256_file
@@ -55,56 +54,6 @@ class LoadedRun:
             "global_step": self.config.get("global_step"),
             "model": self.config.get("model"),
         }
-
-
-def _manifest_grid(root: Path) -> tuple[Grid, int] | None:
-    """The hr grid and lr factor from a prepared cache's manifest, or None when there is none."""
-    from medsyn.data.cache import read_cache_manifest
-
-    if not (root / "manifest.csv").is_file():
-        return None
-    rows = read_cache_manifest(root)
-    if not rows or not rows[0].get("size"):
-        return None
-    size, lr_size = int(rows[0]["size"]), int(rows[0].get("lr_size") or 0)
-    spacing = float(rows[0].get("spacing_mm") or 1.0)
-    factor = size // lr_size if lr_size else LR_FACTOR
-    shape = (size,) * 3
-    return Grid(shape, (spacing,) * 3, spacing_affine(spacing, shape), f"cache {root}"), factor
-
-
-def run_grid(config: dict) -> tuple[Grid, int]:
-    """The high-resolution grid of a run's data and its lr factor, from the most specific record:
-
-    1. `config["grid"]` ({size, spacing_mm, lr_factor}) when a run records it;
-    2. the manifest of the cache at `data.root` (the spacing the run was really trained at);
-    3. `data.phantoms` ({size, spacing_mm, lr_factor}) when the run generated its own phantom data;
-    4. paper scale: the preset's size at 1 mm, times 4 for a model of the low-resolution grid.
-    """
-    data = config.get("data") or {}
-    if config.get("grid"):
-        g = config["grid"]
-        size, spacing = int(g["size"]), float(g.get("spacing_mm", 1.0))
-        shape = (size,) * 3
-        factor = int(g.get("lr_factor", LR_FACTOR))
-        return Grid(shape, (spacing,) * 3, spacing_affine(spacing, shape), "run config"), factor
-    if data.get("root"):
-        found = _manifest_grid(Path(data["root"]))
-        if found is not None:
-            return found
-    phantoms = data.get("phantoms") or {}
-    if phantoms.get("size"):
-        size = int(phantoms["size"])
-        spacing = float(phantoms.get("spacing_mm") or 256.0 / size)
-        shape = (size,) * 3
-        factor = int(phantoms.get("lr_factor") or LR_FACTOR)
-        return Grid(shape, (spacing,) * 3, spacing_affine(spacing, shape), "data.phantoms"), factor
-    from medsyn.nn.presets import DEFAULT_SIZE
-
-    preset = (config.get("model") or {}).get("preset", "")
-    size = DEFAULT_SIZE.get(preset, 64) * (LR_FACTOR if data.get("resolution") == "lr" else 1)
-    shape = (size,) * 3
-    return Grid(shape, (1.0,) * 3, spacing_affine(1.0, shape), "default (1 mm)"), LR_FACTOR
 
 
 RUN_PARENTS = 3  # levels above a run directory searched for its relative paths: runs/demo/base -> repo root
