@@ -53,6 +53,7 @@ def text_gain(run_dir: Path, n: int = 16, times: tuple[float, ...] = (0.8, 0.95)
     x = torch.stack([torch.from_numpy(np.asarray(load_array(r["lr"]), np.float32)) for r in rows])
     texts = [report_text(r, run.config["data"].get("text", "both")) for r in rows]
     model, loss = run.model, DiffusionLoss()
+    ids = [r["id"] for r in rows]  # whose own keypatches a keypatch model never retrieves
     x0 = model.to_net(x)
     generator = torch.Generator().manual_seed(0)
     ratios = []
@@ -62,7 +63,11 @@ def text_gain(run_dir: Path, n: int = 16, times: tuple[float, ...] = (0.8, 0.95)
             tt = torch.full((len(rows),), float(t))
             own, other = (
                 loss(
-                    model.denoiser, x0, model.condition({"x": x, "text": tx}, train=False), t=tt, noise=noise
+                    model.denoiser,
+                    x0,
+                    model.condition({"x": x, **model.report_inputs(tx, ids)}, train=False),
+                    t=tt,
+                    noise=noise,
                 )
                 .mean()
                 .item()

@@ -10,8 +10,12 @@ Every conditioner is an `nn.Module` with one interface, used by training and gen
                                           guidance, or None when the conditioner has none
     unet_arguments()                      -> UNet constructor arguments it fixes (feature widths)
 
-`CONDITIONERS` maps a run config's section name to its class: a run conditions on each section it has
-(the base stage has `text`, the SR stage `lowres`), so a new kind of model is a new entry here.
+A conditioner with `joins = KEY` appends its tokens to those of conditioner KEY: `forward` also takes
+`joined` (that one's output) and `joined_null` (its null condition) and returns the tokens of both.
+
+`medsyn.generation.model.CONDITIONERS` maps a run config's section name to its class: a run conditions on
+each section it has (the base stage has `text`, and `keypatches` from `medsyn.alignment`, the SR stage
+`lowres`), so a new kind of model is a new entry there.
 """
 
 from medsyn.conditioning.features import FeatureCache, text_key
@@ -25,10 +29,7 @@ from medsyn.conditioning.text import (
 )
 from medsyn.conditioning.tiny_bert import build_tiny_bert, train_tokenizer
 
-CONDITIONERS: dict[str, type] = {"text": TextConditioner, "lowres": LowResConditioner}
-
 __all__ = [
-    "CONDITIONERS",
     "DEFAULT_TEXT_MODEL",
     "NULL_KINDS",
     "FeatureCache",

@@ -2,8 +2,8 @@
 
 One builder serves training (`medsyn.training.module`) and loading a trained run
 (`medsyn.generation.run`), so the two can never build different models. What differs between the base
-and the SR stage lives in the config: the conditioner sections it has (`text`, `lowres`; see
-`medsyn.conditioning.CONDITIONERS`), the UNet preset, and which of the cache's grids it learns.
+and the SR stage lives in the config: the conditioner sections it has (`text`, `lowres`, `keypatches`;
+see `CONDITIONERS`), the UNet preset, and which of the cache's grids it learns.
 The run's `lobe_encoding` sets the channels the network denoises (4, or 6 with the lobes as analog bits):
 the model takes and gives volumes of the four channels (`to_net`, `from_net`), whatever it denoises.
 """
@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from medsyn.conditioning import CONDITIONERS
+from medsyn.alignment.conditioner import KeypatchConditioner
+from medsyn.conditioning import LowResConditioner, TextConditioner
 from medsyn.config import check_keys, constructor_keys
 from medsyn.data.channels import LOBE_ENCODINGS, from_net, net_channels, to_net
 from medsyn.diffusion import Denoiser, build_denoiser
@@ -25,9 +26,20 @@ from medsyn.errors import ConfigError
 from medsyn.nn.build import build_model
 from medsyn.weights import split_state
 
+# A run config's section name -> the conditioner it builds (the interface: medsyn.conditioning). A run
+# conditions on each section it has, built in this order: the base stage on `text` (and `keypatches`,
+# whose tokens join the text's), the SR stage on `lowres`. A new kind of model is a new entry here.
+CONDITIONERS: dict[str, type] = {
+    "text": TextConditioner,
+    "lowres": LowResConditioner,
+    "keypatches": KeypatchConditioner,
+}
 # diffusion settings a conditioner may share with the denoiser (taken by name from `diffusion`)
 SHARED_DIFFUSION_KEYS = ("schedule", "schedule_shift")
 SHARED_RUN_KEYS = ("lobe_encoding",)  # run settings a conditioner may take too (by name, from the top level)
+# set by the builder: the token width of the conditioner that one `joins` (appends its tokens to)
+JOINED_KEYS = ("context_dim",)
+REPORT_KEYS = ("text", "keypatches")  # the conditioners that read the report (see `report_inputs`)
 RESOLUTIONS = ("lr", "hr")  # which of the cache's stacks a model learns: base lr (64^3), SR hr (256^3)
 
 
@@ -67,6 +79,21 @@ class DiffusionModel(nn.Module):
         """(B, out_channels, *S) -> (B, 4, *S) volumes (bits: the levels of the nearest valid codes)."""
         return from_net(x, self.lobe_encoding)
 
+    def report_inputs(
+        self, texts: Sequence[str], subjects: Sequence[str | None] | None = None
+    ) -> dict[str, Any]:
+        """The inputs of the conditioners that read reports: "text" the strings, "keypatches" (report,
+        subject) pairs, the subject being the one whose own keypatches must not be retrieved (the training
+        sample's; None, the default, for a new report)."""
+        texts = list(texts)
+        subjects = [None] * len(texts) if subjects is None else list(subjects)
+        out: dict[str, Any] = {}
+        if "text" in self.conditioners:
+            out["text"] = texts
+        if "keypatches" in self.conditioners:
+            out["keypatches"] = list(zip(texts, subjects, strict=True))
+        return out
+
     def condition(
         self,
         inputs: Mapping[str, Any],
@@ -80,13 +107,22 @@ class DiffusionModel(nn.Module):
         train: with training randomness (condition dropout, random augmentation levels).
         generator: one generator, or one per sample (generation: a sample never depends on its batch).
         options: per-conditioner keyword arguments, e.g. {"lowres": {"level": 0.1}}.
+        A conditioner that `joins` another gets that one's output and null condition (`joined`,
+        `joined_null`) and returns the two's tokens together.
         """
         cond: dict[str, torch.Tensor] = {}
+        parts: dict[str, dict[str, torch.Tensor]] = {}
         for key, conditioner in self.conditioners.items():
             if key not in inputs:
                 raise KeyError(f"the model is conditioned on '{key}', which the inputs lack")
             extra = dict((options or {}).get(key, {}))
-            cond.update(conditioner(inputs[key], train=train, generator=generator, **extra))
+            joins = getattr(conditioner, "joins", None)
+            if joins is not None:
+                extra.update(
+                    joined=parts[joins], joined_null=self.conditioners[joins].unconditional(parts[joins])
+                )
+            parts[key] = conditioner(inputs[key], train=train, generator=generator, **extra)
+            cond.update(parts[key])
         return cond
 
     def unconditional(self, cond: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
@@ -131,8 +167,9 @@ class DiffusionModel(nn.Module):
 
 def conditioner_keys(cls: type) -> list[str]:
     """The keys a conditioner's config section may hold (shared diffusion settings come from `diffusion`,
-    shared run settings from the top level)."""
-    return [k for k in constructor_keys(cls) if k not in (*SHARED_DIFFUSION_KEYS, *SHARED_RUN_KEYS)]
+    shared run settings from the top level, the joined tokens' width from the builder)."""
+    shared = (*SHARED_DIFFUSION_KEYS, *SHARED_RUN_KEYS, *JOINED_KEYS)
+    return [k for k in constructor_keys(cls) if k not in shared]
 
 
 def lobe_encoding_of(config: Mapping[str, Any]) -> str:
@@ -159,6 +196,12 @@ def build_conditioners(config: Mapping[str, Any]) -> dict[str, nn.Module]:
             k: diffusion[k] for k in SHARED_DIFFUSION_KEYS if k in diffusion and k in constructor_keys(cls)
         }
         shared.update({k: run[k] for k in SHARED_RUN_KEYS if k in constructor_keys(cls)})
+        joins = getattr(cls, "joins", None)
+        if joins is not None:  # its tokens are appended to those of `joins`: of their width
+            if joins not in out:
+                raise ConfigError(f"the run config: {key} appends its tokens to the {joins} tokens; "
+                                  f"it needs a {joins} section")  # fmt: skip
+            shared["context_dim"] = out[joins].unet_arguments()["cross_attention_dim"]
         out[key] = cls(**section, **shared)
     return out
 

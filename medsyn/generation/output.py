@@ -76,6 +76,8 @@ def request_of(meta: dict) -> dict[str, Any]:
         "index": meta["index"], "prompt": meta["prompt"], "seed": meta["seed"], "options": options,
         "fixed": {name: src["sha256"] for name, src in meta["fixed"].items()},
         "weights": {stage: w["sha256"] for stage, w in meta["weights"].items()},
+        "keypatches": {stage: w["keypatches"]["codebook_sha256"] for stage, w in meta["weights"].items()
+                       if "keypatches" in w},
         "grid": {k: v for k, v in meta["grid"].items() if k != "source"},  # not where it was read from
     }  # fmt: skip
     return json.loads(json.dumps(request, default=str))  # as it reads back from meta.json

@@ -46,7 +46,9 @@ class LoadedRun:
         )
 
     def provenance(self) -> dict[str, Any]:
-        return {
+        """Where the model comes from: its weights (sha256), and what a conditioner loads beside them
+        (`keypatches`: the align run and codebook, with theirs)."""
+        out = {
             "run_dir": str(self.run_dir),
             "weights": str(self.weights),
             "sha256": self.sha256,
@@ -54,6 +56,10 @@ class LoadedRun:
             "global_step": self.config.get("global_step"),
             "model": self.config.get("model"),
         }
+        for key, conditioner in self.model.conditioners.items():
+            if hasattr(conditioner, "provenance"):
+                out[key] = conditioner.provenance()
+        return out
 
 
 RUN_PARENTS = 3  # levels above a run directory searched for its relative paths: runs/demo/base -> repo root
@@ -74,9 +80,14 @@ def find_run_path(value: str, run_dir: Path) -> Path | None:
 
 
 def _resolve_paths(config: dict, run_dir: Path) -> None:
-    """Resolve the relative paths of a stored config (`text.model`, `data.root`) as `find_run_path` does,
-    so a run directory loads from any working directory. A missing text model directory is an error."""
-    text, data = config.get("text"), config.get("data")
+    """Resolve the relative paths of a stored config (`text.model`, `data.root`, `keypatches.align`,
+    `keypatches.codebook`) as `find_run_path` does, so a run directory loads from any working directory.
+    A missing text model directory is an error here; a missing align run or codebook, the conditioner's."""
+    text, data, keypatches = config.get("text"), config.get("data"), config.get("keypatches")
+    for key in ("align", "codebook"):
+        if isinstance(keypatches, dict) and isinstance(keypatches.get(key), str):
+            found = find_run_path(keypatches[key], run_dir)
+            keypatches[key] = str(found) if found is not None else keypatches[key]
     if isinstance(text, dict) and isinstance(text.get("model"), str):
         name = text["model"]
         found = find_run_path(name, run_dir)

@@ -125,8 +125,7 @@ def generate_base(model: DiffusionModel, prompts: Sequence[str], seeds: Sequence
     """Base volumes (B, C, *shape) for `prompts`, one seed each; `kwargs` as for `generate`."""
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; expected one seed per prompt")
-    inputs = {"text": list(prompts)} if "text" in model.conditioners else {}
-    return generate(model, inputs, seeds, shape, **kwargs)
+    return generate(model, model.report_inputs(prompts), seeds, shape, **kwargs)
 
 
 def generate_sr(

@@ -258,18 +258,17 @@ class Preview(Callback):
     ) -> tuple[list[np.ndarray], list[str]]:
         """Sample from the preview prompts, or, for a model conditioned on data (e.g. the low-resolution
         volume), from the first validation items; data inputs are shown beside their samples."""
-        from medsyn.generation.model import DiffusionModel
+        from medsyn.generation.model import REPORT_KEYS, DiffusionModel
         from medsyn.generation.stages import generate
 
         model = DiffusionModel(denoiser, module.model.conditioners)
-        data_keys = [k for k in model.conditioners if k != "text"]
+        data_keys = [k for k in model.conditioners if k not in REPORT_KEYS]
         if data_keys:
             split = "val" if len(trainer.datamodule.datasets.get("val", [])) else "train"
             dataset = trainer.datamodule.datasets[split]
             items = [dataset[i] for i in range(min(2, len(dataset)))]
             inputs: dict = {k: torch.stack([it[k] for it in items]).to(module.device) for k in data_keys}
-            if "text" in model.conditioners:
-                inputs["text"] = [it["text"] for it in items]
+            inputs.update(model.report_inputs([it["text"] for it in items], [it["id"] for it in items]))
             seeds, shape = list(range(len(items))), tuple(items[0]["x"].shape[1:])
             captions = [f"sample for {it['id']}" for it in items]
         else:
@@ -277,7 +276,7 @@ class Preview(Callback):
             shape = tuple(item["x"].shape[1:])
             prompts = [p for p in self.prompts for _ in self.seeds]
             seeds = [s for _ in self.prompts for s in self.seeds]
-            inputs = {"text": prompts} if "text" in model.conditioners else {}
+            inputs = model.report_inputs(prompts)
             captions = [f"seed {s}: {p}" for p, s in zip(prompts, seeds, strict=True)]
         with trainer.precision_plugin.forward_context():  # the run's autocast, as in training
             x = generate(model, inputs, seeds, shape, steps=self.steps, sampler=self.sampler,

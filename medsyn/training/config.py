@@ -20,7 +20,6 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from medsyn.conditioning import CONDITIONERS
 from medsyn.config import (
     check_keys,
     constructor_keys,
@@ -32,7 +31,7 @@ from medsyn.config import (
 from medsyn.data.channels import ENCODING, LOBE_ENCODINGS
 from medsyn.data.datamodule import TEXT_MODES
 from medsyn.errors import ConfigError
-from medsyn.generation.model import RESOLUTIONS, conditioner_keys, legacy_keys, upgrade_config
+from medsyn.generation.model import CONDITIONERS, RESOLUTIONS, conditioner_keys, legacy_keys, upgrade_config
 from medsyn.nn.build import model_config
 
 DEFAULT_PREVIEW_PROMPTS = [
@@ -94,7 +93,8 @@ _COMMON: dict[str, Any] = {
 }
 
 # What each stage changes in the common defaults: the whole difference between the stages is data here.
-# A conditioner section (`text`, `lowres`: medsyn.conditioning.CONDITIONERS) makes the model condition on it.
+# A conditioner section (`text`, `lowres`, `keypatches`: medsyn.generation.model.CONDITIONERS) makes the
+# model condition on it.
 STAGES: dict[str, dict[str, Any]] = {
     "base": {
         "text": {  # TextConditioner arguments
@@ -103,6 +103,9 @@ STAGES: dict[str, dict[str, Any]] = {
             "ucg_rate": 0.1,
             "null_kind": "zero",
         },
+        # KeypatchConditioner arguments, e.g. {align: runs/align, codebook: runs/codebook, k3: 3,
+        # max_tokens: 32, ucg_rate: 0.1}: keypatch tokens after the report's (off when null)
+        "keypatches": None,
     },
     "sr": {
         "model": {"preset": "sr-light"},
@@ -219,7 +222,7 @@ def _upgraded(cfg: DictConfig, stage: str, where: str) -> DictConfig:
 def load_run_config(stage: str, path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> DictConfig:
     """Defaults of `stage`, then the YAML at `path`, then `dotted.key=value` overrides; all checked."""
     cfg = OmegaConf.create(defaults(stage))
-    open_keys = ["model", "text", "trainer", "data.phantoms", "ema.device"]
+    open_keys = ["model", "text", "keypatches", "trainer", "data.phantoms", "ema.device"]
     if stage == "text":
         open_keys = ["model.scratch", "trainer", "data.phantoms"]
     elif stage == "align":

@@ -114,9 +114,16 @@ class DiffusionModule(pl.LightningModule):
         return self._generator
 
     # ---- training ----------------------------------------------------------------------------
+    def inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """The conditioners' inputs of a batch: its entries, and the report inputs of its texts with the
+        batch's subjects (whose own keypatches are never retrieved for them)."""
+        if "text" not in batch:
+            return dict(batch)
+        return {**batch, **self.model.report_inputs(batch["text"], batch.get("id"))}
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         x0 = self.model.to_net(batch["x"])  # (B, 4, *S) -> (B, C, *S)
-        cond = self.model.condition(batch, train=True, generator=self.generator)
+        cond = self.model.condition(self.inputs(batch), train=True, generator=self.generator)
         losses = self.loss_fn(self.denoiser, x0, cond, generator=self.generator)  # (B,)
         loss = losses.mean()
         bad = not bool(torch.isfinite(loss.detach()))
@@ -133,7 +140,7 @@ class DiffusionModule(pl.LightningModule):
         # the same t, noise and augmentation for a batch at every validation: comparable curves
         gen = torch.Generator(device=self.device).manual_seed(10_007 * (batch_idx + 1) + int(self.seed))
         x0 = self.model.to_net(batch["x"])
-        cond = self.model.condition(batch, train=False, generator=gen)
+        cond = self.model.condition(self.inputs(batch), train=False, generator=gen)
         loss = self.loss_fn(self.denoiser, x0, cond, generator=gen).mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
         return loss

@@ -83,8 +83,8 @@ def ensure_data(cfg: DictConfig) -> Path:
 
 def absolute_paths(cfg: DictConfig) -> DictConfig:
     """`cfg` with its local paths made absolute: `run_dir`, `data.root`, `data.phantoms.out`, and
-    `text.model` when it names a local directory. The run's config.yaml and weights then name what the
-    run used, wherever they are read from."""
+    `text.model`, `keypatches.align` and `keypatches.codebook` when they name local directories. The
+    run's config.yaml and weights then name what the run used, wherever they are read from."""
     cfg = copy.deepcopy(cfg)
     cfg.run_dir = _absolute(cfg.run_dir)
     cfg.data.root = _absolute(cfg.data.root)
@@ -94,6 +94,10 @@ def absolute_paths(cfg: DictConfig) -> DictConfig:
         model = str(cfg.text.model)
         if Path(model).expanduser().exists():
             cfg.text.model = _absolute(model)
+    for key in ("align", "codebook"):
+        if cfg.get("keypatches") is not None and cfg.keypatches.get(key):
+            if Path(str(cfg.keypatches[key])).expanduser().exists():
+                cfg.keypatches[key] = _absolute(cfg.keypatches[key])
     return cfg
 
 
