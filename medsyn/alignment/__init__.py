@@ -1,7 +1,8 @@
 """Fine-grained report-volume alignment (the second seed paper's section 2.2, in 3D): a dual encoder of
 volume patches and report words (`model`), its contrastive losses (`losses`), held-out measures
-(`metrics`), the loader of a trained run (`run`), and the visual codebook of keypatches with their
-retrieval for a report (`codebook`). `train.py align` trains it (medsyn.training.align).
+(`metrics`), the loader of a trained run (`run`), the visual codebook of keypatches with their
+retrieval for a report (`codebook`), and the pointing game on phantoms (`pointing`, imported on its own: it
+needs the phantom package). `train.py align` trains it (medsyn.training.align).
 """
 
 from medsyn.alignment.codebook import Codebook, Keypatch, Retrieval, keypatch_tokens, retrieve_for_report

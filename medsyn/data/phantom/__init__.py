@@ -9,20 +9,23 @@ masses, consolidation, ground glass) that its report describes and its truth mea
 from medsyn.data.phantom.dataset import (
     Phantom,
     generate_phantom,
+    phantom_from_truth,
     phantom_report,
     save_phantom,
     write_dataset,
     write_reports,
 )
-from medsyn.data.phantom.pathology import Lesion, PathologyParams, sample_pathology
+from medsyn.data.phantom.pathology import FindingRegions, Lesion, PathologyParams, sample_pathology
 from medsyn.data.phantom.report import Report, write_report
 
 __all__ = [
+    "FindingRegions",
     "Lesion",
     "PathologyParams",
     "Phantom",
     "Report",
     "generate_phantom",
+    "phantom_from_truth",
     "phantom_report",
     "sample_pathology",
     "save_phantom",

@@ -25,11 +25,17 @@ from medsyn.data.channels import LOBE_NAMES
 from medsyn.data.nifti import save_nifti, spacing_affine
 from medsyn.data.phantom.anatomy import sample_anatomy
 from medsyn.data.phantom.geometry import Grid
-from medsyn.data.phantom.pathology import PathologyParams, apply_pathology, measure, sample_pathology
+from medsyn.data.phantom.pathology import (
+    FindingRegions,
+    PathologyParams,
+    apply_pathology,
+    measure,
+    sample_pathology,
+)
 from medsyn.data.phantom.render import draw_anatomy, finish_ct
 from medsyn.data.phantom.report import Report, write_report
 from medsyn.data.phantom.trees import build_trees, mediastinal_tubes, rib_tubes
-from medsyn.errors import MedsynError
+from medsyn.errors import DataError, MedsynError
 from medsyn.io import atomic_dir, atomic_path, write_json, write_text
 
 FOV_MM = 256.0
@@ -47,7 +53,8 @@ DEFINITIONS = {
 
 @dataclass
 class Phantom:
-    """One phantom chest CT: volumes on a RAS grid, its report and its ground truth."""
+    """One phantom chest CT: volumes on a RAS grid, its report, its ground truth and where each finding
+    lies (`regions`, not written by `save_phantom`: `phantom_from_truth` draws it again)."""
 
     ct: np.ndarray  # (S, S, S) int16 HU
     lobes: np.ndarray  # uint8 0..5
@@ -56,6 +63,7 @@ class Phantom:
     affine: np.ndarray  # (4, 4) RAS, spacing in mm
     report: Report
     truth: dict
+    regions: FindingRegions
 
 
 def generate_phantom(
@@ -114,7 +122,27 @@ def generate_phantom(
         affine=spacing_affine(spacing, grid.shape),
         report=write_report(params, report_rng),
         truth=truth,
+        regions=placed["regions"],
     )
+
+
+def phantom_from_truth(truth: dict, where: str | os.PathLike = "truth.json") -> Phantom:
+    """The phantom a `truth.json` describes, drawn again from its seed, size, spacing and params (for its
+    `regions`, which are not saved). A truth this code no longer reproduces (other lesion placement or
+    effusion volume: the phantom code changed since it was written) is a `DataError` naming `where`."""
+    try:
+        size, spacing, seed = int(truth["size"]), float(truth["spacing_mm"]), truth["seed"]
+        params = PathologyParams(**truth["params"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise DataError(f"{where}: not a phantom truth (seed, size, spacing_mm, params): {err}") from err
+    phantom = generate_phantom(size, spacing, seed, params)
+    again = phantom.truth
+    if again["lesions"] != truth.get("lesions") or again["effusion_ml"] != truth.get("effusion_ml"):
+        raise DataError(
+            f"{where}: this version of the phantom code draws seed {seed} differently (lesions or effusion "
+            "volume differ from the file); regenerate the phantoms with `medsyn phantom`"
+        )
+    return phantom
 
 
 def phantom_report(seed: int | list[int]) -> Report:

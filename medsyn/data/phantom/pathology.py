@@ -53,6 +53,8 @@ class PathologyParams:
     ground_glass: list[int] = field(default_factory=list)  # lobes
 
     def __post_init__(self) -> None:
+        # lesions may come as dicts (a truth.json's params); the checks below read them as Lesions
+        self.lesions = [x if isinstance(x, Lesion) else Lesion(**x) for x in self.lesions]
         if self.effusion not in SEVERITIES:
             raise ValueError(f"effusion={self.effusion!r}; expected one of {SEVERITIES}")
         if self.effusion_side not in SIDES:
@@ -69,7 +71,6 @@ class PathologyParams:
         ]:
             if lobe not in range(0, 6):
                 raise ValueError(f"lobe {lobe}; expected 1..5 ({LOBE_NAMES})")
-        self.lesions = [x if isinstance(x, Lesion) else Lesion(**x) for x in self.lesions]
 
     @property
     def cardiomegaly(self) -> bool:
@@ -77,6 +78,32 @@ class PathologyParams:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class FindingRegions:
+    """Where each finding of a phantom was drawn: voxel masks on its grid, each (S, S, S).
+
+    A mask holds the voxels the finding's drawing set, less those the pleural fluid (drawn last) took
+    over; a finding drawn over another (a mass in a consolidated lobe) leaves both masks set there.
+    Findings the phantom does not have are all False.
+    """
+
+    effusion: np.ndarray  # bool, pleural fluid
+    lesions: np.ndarray  # int16: 0 none, i + 1 where lesion i of truth["lesions"] (a later one on top)
+    bullae: np.ndarray  # bool
+    consolidation: np.ndarray  # bool, the dense part of the consolidated lobes
+    emphysema: np.ndarray  # bool, the low-attenuation patches of the emphysematous lobe
+    ground_glass: np.ndarray  # bool
+
+    @staticmethod
+    def empty(shape: tuple[int, ...]) -> FindingRegions:
+        """No findings on a grid of `shape`."""
+
+        def none() -> np.ndarray:
+            return np.zeros(shape, bool)
+
+        return FindingRegions(none(), np.zeros(shape, np.int16), none(), none(), none(), none())
 
 
 def sample_pathology(rng: np.random.Generator) -> PathologyParams:
@@ -165,7 +192,8 @@ def apply_pathology(
     params: PathologyParams,
     rng: np.random.Generator,
 ) -> dict:
-    """Draw the findings into `drawn.hu` and the masks (in place); return placement details.
+    """Draw the findings into `drawn.hu` and the masks (in place); return placement details: `lesions`
+    (one dict per placed lesion), `fluid` (the effusion mask) and `regions` (`FindingRegions`).
 
     The number of random draws is fixed per finding, so changing one finding's parameters does
     not move the others.
@@ -173,6 +201,7 @@ def apply_pathology(
     hu, x = drawn.hu, grid.xyz[0]
     spacing = grid.spacing
     placed: dict = {"lesions": []}
+    regions = FindingRegions.empty(grid.shape)
     lung = lobes > 0
     # emphysema: low-attenuation patches in a lobe, and bullae
     place_rng, field_rng = rng.spawn(2)  # placement is the same at every size
@@ -187,6 +216,7 @@ def apply_pathology(
         cut = np.quantile(values, 1.0 - params.emphysema_fraction) if values.size else np.inf
         patch = region & (fields >= cut)
         hu[patch] = -985.0
+        regions.emphysema |= patch
     bullae_lobe = params.emphysema_lobe or 3
     for _ in range(params.bullae):
         radius = float(place_rng.uniform(8.0, 16.0))
@@ -197,10 +227,12 @@ def apply_pathology(
         ball &= lung[box]
         hu[box][ball] = -1000.0
         drawn.vessels[box][ball] = False
+        regions.bullae[box] |= ball
     # ground glass: a hazy rise of a lobe's density, vessels still visible
     for lobe in params.ground_glass:
         region = (lobes == lobe) & ~drawn.vessels & ~drawn.airway & (fields < 0.3)  # apart from emphysema
         hu[region] = hu[region] + 260.0
+        regions.ground_glass |= region
     # consolidation: the dependent part of a lobe becomes soft tissue, air bronchograms stay
     for lobe in params.consolidation:
         region = lobes == lobe
@@ -209,6 +241,7 @@ def apply_pathology(
             cut = np.quantile(ys, 0.55)
             dense = region & (grid.xyz[1] <= cut) & ~drawn.airway
             hu[dense] = 35.0
+            regions.consolidation |= dense
     # nodules and masses: solid balls inside their lobe
     for lesion in params.lesions:
         radius = lesion.size_mm / 2.0
@@ -218,6 +251,7 @@ def apply_pathology(
         box, ball = _ball(grid, centre, radius)
         ball &= lung[box]
         hu[box][ball] = 40.0
+        regions.lesions[box][ball] = len(placed["lesions"]) + 1
         placed["lesions"].append({"kind": lesion.kind, "lobe": lesion.lobe, "lobe_name": LOBE_NAMES[lesion.lobe],
                                   "size_mm": lesion.size_mm, "center_mm": [round(float(c), 1) for c in centre],
                                   "volume_ml": round(float(ball.sum() * grid.voxel_ml), 2)})  # fmt: skip
@@ -246,7 +280,11 @@ def apply_pathology(
             orphan = drawn.airway & (labels != tree)
             hu[orphan] = HU["lung"]
             drawn.airway[orphan] = False
-    placed["fluid"] = fluid
+    regions.effusion = fluid
+    for name in ("bullae", "consolidation", "emphysema", "ground_glass"):
+        getattr(regions, name)[fluid] = False
+    regions.lesions[fluid] = 0
+    placed["fluid"], placed["regions"] = fluid, regions
     return placed
 
 
