@@ -19,7 +19,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from omegaconf import DictConfig
 
 from medsyn.alignment.losses import global_contrastive_loss, local_contrastive_loss, word_patch_scores
@@ -28,8 +27,6 @@ from medsyn.alignment.model import build_alignment_model
 from medsyn.config import to_container
 from medsyn.errors import ConfigError, DataError
 from medsyn.io import write_json
-from medsyn.training.callbacks import SaveLastOnEnd, Throughput
-from medsyn.training.checkpoints import LAST, RunCheckpoints
 from medsyn.training.module import NonFiniteLossError, apply_optim_settings, build_optimizer
 from medsyn.weights import WEIGHTS_FILE, export_weights
 
@@ -203,21 +200,13 @@ def check_cache(cfg: DictConfig, root: Path) -> None:
 def train_align(cfg: DictConfig) -> Path:
     """Run (or resume) `train.py align`; returns the run directory with model.safetensors and metrics.json."""
     from medsyn.data.datamodule import BaseDataModule
-    from medsyn.training.run import build_logger, build_trainer, ensure_data, open_run, start_run
+    from medsyn.training.run import ensure_data, open_run, plain_trainer, start_run
 
     cfg, ckpt_path = open_run(cfg)
     run_dir, config = Path(cfg.run_dir), to_container(cfg)
     root = ensure_data(cfg)
     check_cache(cfg, root)
-    every = int(cfg.checkpoint.every_n_steps)
-    callbacks: list = [SaveLastOnEnd(run_dir / "checkpoints" / LAST), Throughput(),
-                       RunCheckpoints(run_dir / "checkpoints", every)]  # fmt: skip
-    if cfg.trainer.get("enable_progress_bar", True) is not False:
-        callbacks.append(TQDMProgressBar(refresh_rate=1))
-    logger = build_logger(cfg)
-    if logger:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
-    trainer = build_trainer(cfg, callbacks, logger)
+    trainer = plain_trainer(cfg, run_dir)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     module = AlignModule(config)
     datamodule = BaseDataModule(root, int(cfg.data.batch_size), int(cfg.data.num_workers), int(cfg.seed),

@@ -282,6 +282,20 @@ def build_trainer(cfg: DictConfig, callbacks: list, logger: Any) -> pl.Trainer:
         raise ConfigError(f"{where}: Lightning refuses it: {message}") from err
 
 
+def plain_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
+    """The Trainer of a stage without EMA, export or previews (text, align): the last and step
+    checkpoints, throughput, a progress bar unless disabled, and the logger with a learning-rate monitor."""
+    every = int(cfg.checkpoint.every_n_steps)
+    callbacks: list = [SaveLastOnEnd(run_dir / "checkpoints" / LAST), Throughput(),
+                       RunCheckpoints(run_dir / "checkpoints", every)]  # fmt: skip
+    if cfg.trainer.get("enable_progress_bar", True) is not False:
+        callbacks.append(TQDMProgressBar(refresh_rate=1))
+    logger = build_logger(cfg)
+    if logger:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    return build_trainer(cfg, callbacks, logger)
+
+
 def open_run(cfg: DictConfig) -> tuple[DictConfig, str | None]:
     """For every stage: silence Lightning warnings that do not apply, make the config's paths absolute and
     find the checkpoint to resume from (nothing is written yet). Returns (config, checkpoint or None)."""

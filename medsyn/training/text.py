@@ -18,14 +18,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from medsyn.config import to_container
 from medsyn.errors import ConfigError, DataError
 from medsyn.io import atomic_dir, usual_mode, write_json
-from medsyn.training.callbacks import SaveLastOnEnd, Throughput
-from medsyn.training.checkpoints import LAST, RunCheckpoints
 from medsyn.training.module import build_optimizer
 
 TOKENIZER_DIR, ENCODER_DIR, METRICS_FILE = "tokenizer", "text_encoder", "metrics.json"
@@ -216,12 +213,7 @@ def ensure_reports(cfg: DictConfig) -> Path:
 def train_text(cfg: DictConfig) -> Path:
     """Run (or resume) `train.py text`; returns the run directory with text_encoder/ and metrics.json."""
     from medsyn.data.reports import ReportDataModule, read_reports
-    from medsyn.training.run import (
-        build_logger,
-        build_trainer,
-        open_run,
-        start_run,
-    )
+    from medsyn.training.run import open_run, plain_trainer, start_run
 
     cfg, ckpt_path = open_run(cfg)
     run_dir, config = Path(cfg.run_dir), to_container(cfg)
@@ -233,15 +225,7 @@ def train_text(cfg: DictConfig) -> Path:
     if not texts:
         raise DataError(f"{root}: no training reports (split train)")
     tokenizer = load_tokenizer(cfg, run_dir, texts)
-    every = int(cfg.checkpoint.every_n_steps)
-    callbacks: list = [SaveLastOnEnd(run_dir / "checkpoints" / LAST), Throughput(),
-                       RunCheckpoints(run_dir / "checkpoints", every)]  # fmt: skip
-    if cfg.trainer.get("enable_progress_bar", True) is not False:
-        callbacks.append(TQDMProgressBar(refresh_rate=1))
-    logger = build_logger(cfg)
-    if logger:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
-    trainer = build_trainer(cfg, callbacks, logger)
+    trainer = plain_trainer(cfg, run_dir)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     module = TextPretrainModule(config, len(tokenizer))
     datamodule = ReportDataModule(root, tokenizer, int(cfg.data.batch_size), int(cfg.data.num_workers),
