@@ -32,12 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 K2, MAX_TOKENS = 6, 8  # k3 = K2: every word retrieves every allowed keypatch, so exclusion is visible
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class RetrievalSpy:

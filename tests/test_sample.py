@@ -65,13 +65,7 @@ def run_sample(*argv: str) -> int:
 FAST = ("--steps", "2", "--sr-steps", "2")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny 3-D convolutions run many times faster on one thread than on two busy cores; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

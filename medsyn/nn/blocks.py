@@ -84,12 +84,9 @@ def group_norm_split(
     var = (squares / count - mean.square()).clamp_min(0.0)
     rstd = (var + eps).rsqrt()
     per_group = rows // groups
-    scale = (rstd.repeat_interleave(per_group) * weight.double()).to(dtype)  # (R,)
-    shift = (
-        bias.double()
-        - mean.repeat_interleave(per_group) * rstd.repeat_interleave(per_group) * weight.double()
-    )
-    return torch.addcmul(shift.to(dtype)[:, None], flat[0], scale[:, None]).view(1, rows, n)
+    scale = rstd.repeat_interleave(per_group) * weight.double()  # (R,): y = x * scale + shift
+    shift = bias.double() - mean.repeat_interleave(per_group) * scale
+    return torch.addcmul(shift.to(dtype)[:, None], flat[0], scale.to(dtype)[:, None]).view(1, rows, n)
 
 
 class _GroupNormSiLU(torch.autograd.Function):
