@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from test_sample import FAST, SIZE, make_runs, one_thread, run_sample  # noqa: F401 (autouse fixture)
+from test_sample import FAST, SIZE, make_runs, run_sample
 
 from medsyn.data.channels import CHANNELS, LOBE_LEVELS, decode_volume
 from medsyn.data.nifti import save_nifti, spacing_affine
@@ -20,6 +20,8 @@ from medsyn.generation.fixed import load_fixed, parse_fix
 from medsyn.generation.run import load_run
 from medsyn.generation.segment import segment_with_model
 from medsyn.generation.stages import SampleOptions, synthesize
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 SPACING = 256.0 / SIZE
 HR_AFFINE = spacing_affine(SPACING, (SIZE,) * 3)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_sample import make_runs, one_thread  # noqa: F401 (autouse fixture)
+from test_sample import make_runs
 
 from medsyn.conditioning import LowResConditioner
 from medsyn.data.grid import upsample
@@ -14,6 +14,8 @@ from medsyn.generation.model import DiffusionModel
 from medsyn.generation.run import load_run, run_grid
 from medsyn.generation.stages import SampleOptions, generate_base, generate_sr
 from medsyn.generation.windowed import unet_multiple, window_size
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
