@@ -166,8 +166,12 @@ class CacheDataModule(pl.LightningDataModule):
     def make_dataset(self, rows: list[dict], split: str) -> Dataset:
         raise NotImplementedError
 
+    def read_rows(self) -> list[dict]:
+        """The manifest rows of the cache (each with its `split`)."""
+        return read_cache_manifest(self.root)
+
     def setup(self, stage: str | None = None) -> None:
-        rows = read_cache_manifest(self.root)
+        rows = self.read_rows()
         for split in SPLITS:
             self.datasets[split] = self.make_dataset([r for r in rows if r["split"] == split], split)
 
