@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "summary": "summary",
     "phantom": "phantom",
     "prepare": "prepare",
+    "drr": "drr",
     "evaluate": "evaluate",
     "controllability": "controllability",
     "vocab": "vocab",

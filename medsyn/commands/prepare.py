@@ -56,12 +56,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"refuse a CT smaller than this along any axis (default {MIN_EXTENT_MM:g} mm)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")  # fmt: skip
+    parser.add_argument(
+        "--cxr",
+        action="store_true",
+        help="real radiographs instead: --input is a CSV (image, findings, impression) or a MIMIC-CXR"
+        " folder; writes a radiograph cache of --size^2 images (--split, --workers, --limit apply)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from medsyn.data.prepare import PrepareOptions, parse_fractions, prepare
     from medsyn.data.preprocess import PreprocessConfig
 
+    if args.cxr:
+        return _run_cxr(args)
     options = PrepareOptions(
         backend=args.backend,
         preprocess=PreprocessConfig(size=args.size, spacing_mm=args.spacing_mm, fit=args.fit),
@@ -74,6 +82,27 @@ def run(args: argparse.Namespace) -> int:
         min_extent_mm=args.min_extent_mm,
     )
     result = prepare(args.input, args.out, options)
+    print(
+        f"prepared {len(result.done)}, already cached {len(result.skipped)}, failed {len(result.failed)}"
+        f" -> {args.out}/manifest.csv"
+    )
+    for failure in result.failed:
+        print(f"  failed {failure['id']}: {failure['reason']}", file=sys.stderr)
+    return 1 if result.all_failed else 0
+
+
+def _run_cxr(args: argparse.Namespace) -> int:
+    from medsyn.data.prepare import parse_fractions
+    from medsyn.radiograph.prepare import RadiographOptions, prepare_radiographs
+
+    options = RadiographOptions(
+        size=args.size,
+        workers=args.workers,
+        limit=args.limit,
+        progress=not args.no_progress,
+        split_fractions=parse_fractions(args.split),
+    )
+    result = prepare_radiographs(args.input, args.out, options)
     print(
         f"prepared {len(result.done)}, already cached {len(result.skipped)}, failed {len(result.failed)}"
         f" -> {args.out}/manifest.csv"
