@@ -79,8 +79,8 @@ class Subject:
             raise DataError(f"{self.source}: missing report (both findings and impression are empty)")
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """Header and rows; bytes that are not UTF-8 stay as surrogate escapes, for `_row_error` to report
+def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and rows; bytes that are not UTF-8 stay as surrogate escapes, for `row_error` to report
     per row, so that one bad report does not reject the whole file."""
     try:
         with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
@@ -91,7 +91,7 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         raise DataError(f"{path}: cannot read CSV ({err})") from err
 
 
-def _row_error(row: dict, source: str) -> str:
+def row_error(row: dict, source: str) -> str:
     """A one-line reason when a cell of `row` is not valid UTF-8, else ''."""
     for column, value in row.items():
         match = _UNDECODED.search(value) if isinstance(value, str) else None
@@ -118,7 +118,7 @@ def read_manifest(path: str | os.PathLike, check: bool = True) -> list[Subject]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such manifest file")
-    columns, rows = _read_csv(path)
+    columns, rows = read_csv_rows(path)
     missing = [c for c in MANIFEST_COLUMNS if c not in columns and c not in MASK_CHANNELS]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; expected {list(MANIFEST_COLUMNS)}")
@@ -140,7 +140,7 @@ def read_manifest(path: str | os.PathLike, check: bool = True) -> list[Subject]:
             impression=(row.get("impression") or "").strip(),
             masks=masks,
             source=source,
-            error=_row_error(row, source),
+            error=row_error(row, source),
         )
         if check:
             subject.check()
@@ -148,7 +148,7 @@ def read_manifest(path: str | os.PathLike, check: bool = True) -> list[Subject]:
     return subjects
 
 
-def _find_csvs(root: Path, columns: tuple[str, ...]) -> list[Path]:
+def find_csvs(root: Path, columns: tuple[str, ...]) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         depth = len(Path(dirpath).relative_to(root).parts)
@@ -187,18 +187,18 @@ def _strip_nii(name: str) -> str:
 def is_ctrate_dir(path: str | os.PathLike) -> bool:
     """True when `path` is a directory holding a CT-RATE reports CSV."""
     path = Path(path)
-    return path.is_dir() and bool(_find_csvs(path, CTRATE_REPORT_COLUMNS))
+    return path.is_dir() and bool(find_csvs(path, CTRATE_REPORT_COLUMNS))
 
 
 def read_ctrate(root: str | os.PathLike, check: bool = True) -> list[Subject]:
     """Read a CT-RATE directory (reports CSV(s), metadata CSV(s), volumes anywhere below) into subjects."""
     root = Path(root)
-    report_csvs = _find_csvs(root, CTRATE_REPORT_COLUMNS)
+    report_csvs = find_csvs(root, CTRATE_REPORT_COLUMNS)
     if not report_csvs:
         raise DataError(f"{root}: no reports CSV with columns {list(CTRATE_REPORT_COLUMNS)} found")
     meta: dict[str, tuple[tuple[float, float], tuple[float, float, float]]] = {}
-    for meta_csv in _find_csvs(root, CTRATE_META_COLUMNS):
-        for line, row in enumerate(_read_csv(meta_csv)[1], start=2):
+    for meta_csv in find_csvs(root, CTRATE_META_COLUMNS):
+        for line, row in enumerate(read_csv_rows(meta_csv)[1], start=2):
             source = f"{meta_csv} row {line}"
             try:
                 rescale = (float(row["RescaleSlope"]), float(row["RescaleIntercept"]))
@@ -214,7 +214,7 @@ def read_ctrate(root: str | os.PathLike, check: bool = True) -> list[Subject]:
                 volumes.setdefault(name, Path(dirpath) / name)
     subjects, seen = [], set()
     for report_csv in report_csvs:
-        for line, row in enumerate(_read_csv(report_csv)[1], start=2):
+        for line, row in enumerate(read_csv_rows(report_csv)[1], start=2):
             name = (row.get("VolumeName") or "").strip()
             source = f"{report_csv} row {line}"
             sid = check_id(_strip_nii(name), source, "VolumeName")
@@ -230,7 +230,7 @@ def read_ctrate(root: str | os.PathLike, check: bool = True) -> list[Subject]:
                 source=f"{source} (column 'VolumeName')",
                 rescale=rescale,
                 spacing=spacing,
-                error=_row_error(row, source),
+                error=row_error(row, source),
             )
             if check:
                 subject.check()

@@ -43,13 +43,13 @@ from medsyn.data.preprocess import apply_rescale, override_spacing
 from medsyn.data.readers import (
     MAX_VOXELS,
     Subject,
-    _find_csvs,
-    _read_csv,
-    _row_error,
     check_id,
+    find_csvs,
     is_ctrate_dir,
     open_volume,
+    read_csv_rows,
     read_input,
+    row_error,
 )
 from medsyn.errors import DataError, MedsynError
 from medsyn.radiograph.cache import EFFUSION_LABELS
@@ -140,7 +140,7 @@ def read_cxr_csv(path: str | os.PathLike) -> list[RadiographSubject]:
     """Subjects of a radiograph CSV (see the module docstring). A CSV without an `image` column or
     without report columns is a `DataError` naming the file and the column."""
     path = Path(path)
-    columns, rows = _read_csv(path)
+    columns, rows = read_csv_rows(path)
     expected = "expected columns image, findings, impression (or report), optional id, effusion, cardiomegaly"
     if "image" not in columns:
         raise DataError(f"{path}: missing column 'image'; {expected}")
@@ -162,7 +162,7 @@ def read_cxr_csv(path: str | os.PathLike) -> list[RadiographSubject]:
         if not findings and not impression and (row.get("report") or "").strip():
             findings, impression = split_report(row["report"])
         subject = RadiographSubject(sid, [path.parent / image], source, findings, impression)
-        subject.error = _row_error(row, source) or ("" if image else f"{source}, column 'image': empty path")
+        subject.error = row_error(row, source) or ("" if image else f"{source}, column 'image': empty path")
         try:
             given = [c for c in ("effusion", "cardiomegaly") if c in columns and row.get(c) is not None]
             subject.labels = {c: _parse_label(row[c], c, source) for c in given}
@@ -175,8 +175,8 @@ def read_cxr_csv(path: str | os.PathLike) -> list[RadiographSubject]:
 def _view_metadata(root: Path) -> dict[str, str]:
     """dicom_id -> ViewPosition from MIMIC-CXR-JPG style metadata CSVs below `root` (empty when none)."""
     views = {}
-    for meta_csv in _find_csvs(root, ("dicom_id", "ViewPosition")):
-        for row in _read_csv(meta_csv)[1]:
+    for meta_csv in find_csvs(root, ("dicom_id", "ViewPosition")):
+        for row in read_csv_rows(meta_csv)[1]:
             views[(row.get("dicom_id") or "").strip()] = (row.get("ViewPosition") or "").strip().upper()
     return views
 
@@ -418,7 +418,7 @@ def read_ct_sources(path: str | os.PathLike) -> list[CtSource]:
         if manifest.is_file():
             header = _csv_header(manifest)
             if "hr" in header and "id" in header:  # a CT cache
-                rows = _read_csv(manifest)[1]
+                rows = read_csv_rows(manifest)[1]
                 sources = [
                     CtSource(r["id"], f"{manifest} row {i}", cache=path) for i, r in enumerate(rows, 2)
                 ]
