@@ -1,11 +1,20 @@
-"""Fine-grained report-volume alignment (the second seed paper's section 2.2, in 3D): a dual encoder of
-volume patches and report words (`model`), its contrastive losses (`losses`), held-out measures
-(`metrics`), the loader of a trained run (`run`), the visual codebook of keypatches with their
-retrieval for a report (`codebook`), and the pointing game on phantoms (`pointing`, imported on its own: it
-needs the phantom package). `train.py align` trains it (medsyn.training.align).
+"""Fine-grained report-image alignment (the second seed paper's section 2.2), for CT volumes (3D) and
+radiographs (2D) with the same code: a dual encoder of image patches and report words (`model`), its
+contrastive losses (`losses`), held-out measures (`metrics`), the pairs of either kind of cache (`data`),
+the loader of a trained run (`run`), the visual codebook of keypatches with their retrieval for a report
+and their pixel crops (`codebook`), and, for CT only, word maps (`maps`) and the pointing game on
+phantoms (`pointing`, imported on its own: it needs the phantom package). `train.py align` trains it
+(medsyn.training.align).
 """
 
-from medsyn.alignment.codebook import Codebook, Keypatch, Retrieval, keypatch_tokens, retrieve_for_report
+from medsyn.alignment.codebook import (
+    Codebook,
+    Keypatch,
+    Retrieval,
+    keypatch_crops,
+    keypatch_tokens,
+    retrieve_for_report,
+)
 from medsyn.alignment.losses import (
     LOCAL_POOLS,
     global_contrastive_loss,
@@ -41,6 +50,7 @@ __all__ = [
     "chance_accuracy",
     "global_contrastive_loss",
     "info_nce",
+    "keypatch_crops",
     "keypatch_tokens",
     "load_align_run",
     "local_contrastive_loss",

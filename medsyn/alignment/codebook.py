@@ -1,13 +1,14 @@
 """The visual codebook of keypatches and their retrieval for a report (the second seed paper's section 2.2,
-"Visual Codebook Construction" and "Keypatches Extraction", in 3D).
+"Visual Codebook Construction" and "Keypatches Extraction"), for CT volumes (3D) and radiographs (2D).
 
-Construction (`Codebook.build`): embed every (report, volume) pair of a cache split with a trained align
-run; keep the k1 pairs of highest global report-volume similarity; in each, every word's most similar
+Construction (`Codebook.build`): embed every (report, image) pair of a cache split with a trained align
+run; keep the k1 pairs of highest global report-image similarity; in each, every word's most similar
 patch gives a (word, patch, score) candidate (the word-patch maximum similarity); the k2 best-scoring
 candidates, ranked over all kept pairs, are the keypatches. A patch chosen by two words of its report is
-kept once, under the word that scored it highest. Each keypatch holds its patch feature (D), its voxels
-(4, p, p, p) cut from the cache's base-resolution volume, the word, the score, the subject, the patch's
-grid index and its voxel box.
+kept once, under the word that scored it highest. Each keypatch holds its patch feature (D), its pixels
+cut from the cache's image ((4, p, p, p) of a CT cache's base-resolution volume, (1, p, p) of a
+radiograph), the word, the score, the subject, the patch's grid index and its box ([start, stop) per
+axis of that image: 3 axes or 2). `keypatch_crops` gives the pixels of retrieved keypatches.
 
 Retrieval (`Codebook.retrieve`, `keypatch_tokens`): the cosine similarity of a report's words with every
 keypatch feature; per word the k3 best keypatches, optionally never any of some subjects' own (so a
@@ -15,7 +16,8 @@ subject's report retrieves no patch of its own volume when it trains on them).
 
 On disk (`save` / `load`), in a folder:
 
-    codebook.safetensors  features (K, D) float32, patches (K, 4, p, p, p) in the cache's dtype
+    codebook.safetensors  features (K, D) float32, patches (K, C, *p) as the cache's loader gives them
+                          (CT: (K, 4, p, p, p) float16; radiographs: (K, 1, p, p) float32)
     codebook.json         format, the align run (path, sha256), cache, split, k1, k2, the kept pairs,
                           one record per keypatch (KEYPATCH_FIELDS) and the sha256 of the tensors file
 
@@ -42,6 +44,7 @@ from medsyn.io import atomic_path, usual_mode, write_json
 from medsyn.weights import sha256_file
 
 if TYPE_CHECKING:
+    from medsyn.alignment.data import PairCache
     from medsyn.alignment.run import AlignRun
 
 FORMAT = "medsyn-codebook-1"
@@ -64,8 +67,8 @@ KEYPATCH_FIELDS = (
 class Keypatch:
     """Where a keypatch came from: the word (as written, at `word_position` in its report's words) whose
     maximum-similarity patch it is, that similarity (`score`), the subject, its pair's rank among the k1
-    pairs and global similarity, the patch's index in the volume's patch grid and its voxel box
-    (start, stop) per axis of the base-resolution volume."""
+    pairs and global similarity, the patch's index in the image's patch grid and its box (start, stop)
+    per axis of the subject's image (3 axes of the base-resolution CT volume, 2 of a radiograph)."""
 
     word: str
     word_position: int
@@ -97,7 +100,7 @@ class Retrieval(NamedTuple):
 class _Pair:
     order: int  # position in the split (ties in similarity go to the earlier subject)
     subject: str
-    lr_path: str
+    row: dict  # its manifest row (the image is read from it)
     similarity: float
     patches: torch.Tensor  # (P, D)
     words: list[str]
@@ -106,8 +109,9 @@ class _Pair:
 
 @dataclass
 class Codebook:
-    """Keypatch features (K, D), voxels (K, C, p, p, p) and records (K), with the build's provenance
-    (`info`: align run, cache, split, k1, k2, grid, ...) and the k1 pairs it kept (`pairs`)."""
+    """Keypatch features (K, D), pixels (K, C, *p: p^3 voxels of a CT volume, p^2 of a radiograph) and
+    records (K), with the build's provenance (`info`: align run, cache, kind, split, k1, k2, grid, ...)
+    and the k1 pairs it kept (`pairs`)."""
 
     features: torch.Tensor
     patches: torch.Tensor
@@ -127,6 +131,11 @@ class Codebook:
     def align_sha256(self) -> str:
         return str(self.info["align_sha256"])
 
+    @property
+    def spatial_dims(self) -> int:
+        """3 for keypatches of CT volumes, 2 for those of radiographs (the patch grid's axes)."""
+        return len(self.info["grid"])
+
     # ---- construction ------------------------------------------------------------------------------
     @classmethod
     @torch.no_grad()
@@ -140,7 +149,8 @@ class Codebook:
         batch_size: int = 8,
         progress: bool | None = None,
     ) -> Codebook:
-        """The codebook of the `split` subjects of the prepared `cache`, embedded by `run`.
+        """The codebook of the `split` subjects of the prepared `cache` (a CT cache for a 3D run, a
+        radiograph cache for a 2D one), embedded by `run`.
 
         Reports are the cache's Findings/Impression as the run was trained on them (its `data.text`).
         k1 and k2 larger than what the split offers keep everything. progress: a tqdm bar over subjects
@@ -149,8 +159,8 @@ class Codebook:
         from torch.utils.data import DataLoader
         from tqdm import tqdm
 
-        from medsyn.data.cache import MANIFEST_FILE, SPLITS, read_cache_manifest
-        from medsyn.data.datamodule import BaseDataset
+        from medsyn.alignment.data import PairCache
+        from medsyn.data.cache import MANIFEST_FILE, SPLITS
 
         for name, value in (("k1", k1), ("k2", k2), ("batch_size", batch_size)):
             if int(value) < 1:
@@ -158,12 +168,13 @@ class Codebook:
         if split not in SPLITS:
             raise ConfigError(f"split={split!r}: expected one of {SPLITS}")
         cache = Path(cache)
-        rows = [r for r in read_cache_manifest(cache) if r["split"] == split]
+        data = PairCache.open(cache)
+        check_pairs(run, data)
+        rows = data.rows(split)
         if not rows:
             raise DataError(f"{cache / MANIFEST_FILE}: no {split!r} subjects to build a codebook from")
         text = str((run.config.get("data") or {}).get("text", "both"))
-        dataset = BaseDataset(rows, text)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+        loader = DataLoader(data.dataset(rows, text), batch_size=batch_size, shuffle=False, num_workers=0)
         p = run.patch_size
         kept: list[_Pair] = []
         grid: Grid | None = None
@@ -178,27 +189,27 @@ class Codebook:
             shape = tuple(batch["x"].shape[2:])
             if any(n % p for n in shape):
                 raise DataError(
-                    f"{batch_rows[0]['lr']}: grid {shape} does not split into patches of "
-                    f"{p} voxels (the align run's model.patch_size)"
+                    f"{data.source(batch_rows[0])}: grid {shape} does not split into patches of "
+                    f"{p} pixels per side (the align run's model.patch_size)"
                 )
             volumes, patches, batch_grid = run.encode_volumes(batch["x"])  # (B, D), (B, P, D)
             if grid is not None and batch_grid != grid:
                 raise DataError(
-                    f"{batch_rows[0]['lr']}: patch grid {batch_grid}, but earlier subjects have {grid}"
+                    f"{data.source(batch_rows[0])}: patch grid {batch_grid}, but earlier subjects have {grid}"
                 )
             grid = batch_grid
             reports, words, feats = run.encode_reports(list(batch["text"]))  # (B, D), W_i words, (W_i, D)
             similarity = (reports * volumes).sum(-1).cpu()  # (B,)
             for b, row in enumerate(batch_rows):
                 # clones, not views that would keep the whole batch alive
-                pair = _Pair(start + b, row["id"], row["lr"], float(similarity[b]), patches[b].cpu().clone(),
+                pair = _Pair(start + b, row["id"], row, float(similarity[b]), patches[b].cpu().clone(),
                              words[b], feats[b].cpu().clone())  # fmt: skip
                 kept.append(pair)
             kept = sorted(kept, key=lambda pair: (-pair.similarity, pair.order))[:k1]
             bar.update(len(batch_rows))
         bar.close()
         assert grid is not None
-        keypatches, features, voxels = _select_keypatches(kept, k2, grid, p)
+        keypatches, features, voxels = _select_keypatches(kept, k2, grid, p, data)
         if not keypatches:
             raise DataError(f"{cache / MANIFEST_FILE}: the {split!r} reports have no words; no keypatches")
         info = {
@@ -206,6 +217,7 @@ class Codebook:
             "align_run": str(run.run_dir.resolve()),
             "align_sha256": run.sha256,
             "cache": str(cache.resolve()),
+            "kind": data.kind,
             "split": split,
             "text": text,
             "k1": int(k1),
@@ -340,13 +352,23 @@ class Codebook:
         return cls(features, patches, keypatches, info, list(data.get("pairs") or []), folder)
 
 
+def check_pairs(run: AlignRun, data: PairCache) -> None:
+    """Refuse (DataError) a cache whose images are not of the kind `run` was trained on (a radiograph
+    cache for a CT run, or the other way round)."""
+    if (run.spatial_dims, run.in_channels) != (data.spatial_dims, data.channels):
+        trained = "radiographs (2D)" if run.spatial_dims == 2 else "CT volumes (3D)"
+        raise DataError(
+            f"{data.root / 'manifest.csv'}: a {data.kind} cache ({data.spatial_dims}D, {data.channels} "
+            f"channel(s)), but the align run {run.run_dir} was trained on {trained} with "
+            f"{run.in_channels} channel(s); use a cache of the kind it was trained on"
+        )
+
+
 def _select_keypatches(
-    pairs: Sequence[_Pair], k2: int, grid: Grid, p: int
+    pairs: Sequence[_Pair], k2: int, grid: Grid, p: int, data: PairCache
 ) -> tuple[list[Keypatch], torch.Tensor, torch.Tensor]:
     """The k2 best (word, its maximum-similarity patch) of the kept pairs: records, features (K, D) and
-    voxels (K, C, p, p, p) read from each subject's base-resolution volume."""
-    from medsyn.data.cache import load_array
-
+    pixels (K, C, *p) cut from each subject's image in `data`."""
     candidates = []  # (-score, pair rank, word position, patch index)
     for rank, pair in enumerate(pairs):
         if not pair.words:
@@ -365,16 +387,16 @@ def _select_keypatches(
         if len(chosen) == k2:
             break
     records, features, voxels = [], [], []
-    volumes: dict[int, np.ndarray] = {}
+    images: dict[int, np.ndarray] = {}
     for score, rank, w, index in chosen:
         pair = pairs[rank]
         box = patch_box(index, grid, p)
         box_ = tuple((s.start, s.stop) for s in box)
         records.append(Keypatch(pair.words[w], w, score, pair.subject, rank, pair.similarity, index, box_))
         features.append(pair.patches[index])
-        if rank not in volumes:
-            volumes[rank] = load_array(pair.lr_path)
-        voxels.append(torch.from_numpy(np.array(volumes[rank][(slice(None), *box)])))
+        if rank not in images:
+            images[rank] = data.load(pair.row)
+        voxels.append(torch.from_numpy(np.array(images[rank][(slice(None), *box)])))
     if not records:
         return [], torch.zeros(0, 0), torch.zeros(0)
     return records, torch.stack(features).float(), torch.stack(voxels)
@@ -426,14 +448,15 @@ def _check_tensors(
     if missing:
         raise DataError(f"{path}: no tensor(s) {missing}")
     features, patches = tensors["features"], tensors["patches"]
-    p, dim = info["patch_size"], info["dim"]
+    p, dim, dims = info["patch_size"], info["dim"], len(info["grid"])
     if tuple(features.shape) != (count, dim) or not features.is_floating_point():
         raise DataError(
             f"{path}: features {tuple(features.shape)} {features.dtype}, expected float ({count}, "
             f"{dim}) for the {count} keypatches of {JSON_FILE}"
         )
-    if patches.ndim != 5 or patches.shape[0] != count or tuple(patches.shape[2:]) != (p, p, p):
-        raise DataError(f"{path}: patches {tuple(patches.shape)}, expected ({count}, C, {p}, {p}, {p})")
+    if patches.ndim != 2 + dims or patches.shape[0] != count or tuple(patches.shape[2:]) != (p,) * dims:
+        expected = ", ".join([str(count), "C", *[str(p)] * dims])
+        raise DataError(f"{path}: patches {tuple(patches.shape)}, expected ({expected})")
     if not bool(torch.isfinite(features).all()):
         raise DataError(f"{path}: features hold NaN or infinite values")
     return features.float(), patches
@@ -486,3 +509,53 @@ def keypatch_tokens(
     so that nothing of the volume leaks into its condition. K <= words x k3; (0, D) for a wordless report."""
     _, found = retrieve_for_report(codebook, run, report, k3, exclude_subject, force)
     return codebook.features[found.unique()]
+
+
+def keypatch_crops(
+    codebook: Codebook, indices: Sequence[int] | torch.Tensor, data_root: str | os.PathLike | None = None
+) -> torch.Tensor:
+    """The pixels (K, C, *p) float32 of the keypatches `indices` (into the codebook, e.g. a
+    `Retrieval.unique()` list), in that order: (K, 1, p, p) for a radiograph codebook, in the cache's
+    [-1, 1] range, (K, 4, p, p, p) for a CT one.
+
+    Without `data_root`: the crops the codebook holds, cut at build time from its cache's images (the
+    same values). With it: cut again, by each keypatch's subject and box, from that cache's images (a
+    subject missing there, or an image the box does not fit in, is a DataError naming it).
+    """
+    from medsyn.alignment.data import PairCache
+
+    indices = [
+        int(i) for i in (indices.reshape(-1).tolist() if isinstance(indices, torch.Tensor) else indices)
+    ]
+    bad = [i for i in indices if not 0 <= i < len(codebook)]
+    if bad:
+        raise ValueError(f"keypatch indices {bad[:5]}: outside the codebook's {len(codebook)} keypatches")
+    if data_root is None:
+        return codebook.patches[indices].float()  # (K, C, *p)
+    data = PairCache.open(data_root)
+    if data.spatial_dims != codebook.spatial_dims:
+        raise DataError(
+            f"{data.root / 'manifest.csv'}: a {data.kind} cache ({data.spatial_dims}D), but the codebook's "
+            f"keypatches are {codebook.spatial_dims}D"
+        )
+    wanted = {codebook.keypatches[i].subject for i in indices}
+    rows = {row["id"]: row for row in data.rows() if row["id"] in wanted}
+    missing = sorted(wanted - set(rows))
+    if missing:
+        raise DataError(
+            f"{data.root / 'manifest.csv'}: no subject(s) {missing[:5]} that the keypatches come from"
+        )
+    images = {subject: data.load(row) for subject, row in rows.items()}
+    crops = []
+    for i in indices:
+        kp = codebook.keypatches[i]
+        image = images[kp.subject]
+        if any(b > n for (_, b), n in zip(kp.box, image.shape[1:], strict=True)):
+            raise DataError(
+                f"{data.source(rows[kp.subject])}: image of shape {tuple(image.shape[1:])} does not hold "
+                f"keypatch {i}'s box {[list(b) for b in kp.box]}"
+            )
+        crops.append(torch.from_numpy(np.array(image[(slice(None), *kp.slices)], dtype=np.float32)))
+    if not crops:
+        return codebook.patches[:0].float()
+    return torch.stack(crops)  # (K, C, *p)

@@ -35,7 +35,12 @@ SLAB_VOXELS = 1 << 21  # `upsample_maps` samples the target grid in slabs of abo
 def align_grid(run: AlignRun) -> tuple[Grid, int]:
     """The high-resolution grid of the align run's cache and its base factor f: the model saw the f^3
     block means of that grid. Found as for the diffusion runs (`run_grid`), from `data.root`'s manifest
-    or `data.phantoms`; a run whose config names neither is a `DataError`."""
+    or `data.phantoms`; a run whose config names neither, or a radiograph (2D) run, is a `DataError`."""
+    if run.spatial_dims != 3:
+        raise DataError(
+            f"{run.weights}: an align run of radiographs (model.spatial_dims={run.spatial_dims}); word maps, "
+            "alignment scores and the pointing game need a run trained on CT volumes"
+        )
     hr_grid, factor = run_grid(run.config)
     if hr_grid.source.startswith("default"):
         root = (run.config.get("data") or {}).get("root")

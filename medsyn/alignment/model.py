@@ -1,9 +1,12 @@
-"""The dual encoder of `train.py align`: volume patches and report words in one shared space.
+"""The dual encoder of `train.py align`: image patches and report words in one shared space.
 
-After "Fine-grained image-text alignment in medical imaging" (ref. [3] of the second seed paper), in 3D:
-- `VolumeEncoder`: a strided convolution cuts the 4-channel base-resolution volume into patches of
-  `patch_size`^3 voxels; transformer layers with fixed 3-D sine-cosine position embeddings mix them.
-  32^3 with patches of 4 gives 8^3 = 512 patch tokens; the grid shape maps a token back to its box.
+After "Fine-grained image-text alignment in medical imaging" (ref. [3] of the second seed paper), for CT
+volumes (3D) and radiographs (2D) alike:
+- `VolumeEncoder`: a strided convolution cuts the image, the 4-channel base-resolution CT volume
+  (`spatial_dims=3`) or the 1-channel radiograph (`spatial_dims=2`), into patches of `patch_size` pixels
+  per side; transformer layers with fixed sine-cosine position embeddings of the patch grid mix them.
+  32^3 with patches of 4 gives 8^3 = 512 patch tokens, 128^2 with patches of 16 gives 8^2 = 64; the grid
+  shape maps a token back to its box.
 - `ReportEncoder`: the project's BERT-family text encoder (`load_text_model`), frozen or fine-tuned,
   whose wordpiece features are merged into word features (`medsyn.alignment.words`).
 - `AlignmentModel`: both projected into a `dim`-wide space and L2-normalised, as patches and words
@@ -27,7 +30,8 @@ from medsyn.config import check_keys, constructor_keys, to_container
 from medsyn.errors import ConfigError
 
 POOLS = ("mean", "cls")  # how a report's global feature is pooled: mean of its words, or [CLS]
-Grid = tuple[int, ...]  # patch tokens per axis, e.g. (8, 8, 8)
+Grid = tuple[int, ...]  # patch tokens per axis, e.g. (8, 8, 8) or (8, 8)
+SPATIAL_DIMS = (2, 3)  # radiographs, CT volumes
 
 # Volume encoder sizes by name (DiT habit); a config's `model` section names one and/or overrides its keys.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -56,22 +60,26 @@ def sincos_position_embedding(grid: Sequence[int], width: int) -> torch.Tensor:
 
 
 def patch_box(index: int, grid: Sequence[int], patch_size: int) -> tuple[slice, ...]:
-    """The voxel box (one slice per axis) of patch token `index` of a `grid` of patches (C order)."""
+    """The pixel (2D) or voxel (3D) box, one slice per axis, of patch token `index` of a `grid` of
+    patches (C order)."""
     position = torch.unravel_index(torch.tensor(int(index)), tuple(grid))
     return tuple(slice(int(i) * patch_size, (int(i) + 1) * patch_size) for i in position)
 
 
 class VolumeEncoder(nn.Module):
-    """Patch tokens of a volume: (B, in_channels, D, H, W) -> (B, P, width) and the grid (d, h, w).
+    """Patch tokens of an image: (B, in_channels, *S) -> (B, P, width) and the patch grid, with
+    `spatial_dims` axes in S: 3 for CT volumes (D, H, W) -> grid (d, h, w), 2 for radiographs (H, W) ->
+    grid (h, w).
 
-    A 3x3x3 convolution (`stem_channels`) then a `patch_size`-strided convolution make one token per
+    A 3-wide convolution (`stem_channels`) then a `patch_size`-strided convolution make one token per
     patch; `depth` pre-norm transformer layers (`num_heads`, MLP `mlp_ratio` x width, `dropout`) with
-    sine-cosine position embeddings relate the patches; a final LayerNorm. Each side of the volume
-    must be a multiple of `patch_size`.
+    sine-cosine position embeddings relate the patches; a final LayerNorm. Each side of the image
+    must be a multiple of `patch_size`. The weights' names do not depend on `spatial_dims`.
     """
 
     def __init__(
         self,
+        spatial_dims: int = 3,
         in_channels: int = 4,
         patch_size: int = 8,
         stem_channels: int = 32,
@@ -82,6 +90,8 @@ class VolumeEncoder(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        if isinstance(spatial_dims, bool) or spatial_dims not in SPATIAL_DIMS:
+            raise ValueError(f"spatial_dims={spatial_dims!r}: expected 2 (radiographs) or 3 (CT volumes)")
         for name, value in (("in_channels", in_channels), ("patch_size", patch_size), ("width", width),
                             ("stem_channels", stem_channels), ("num_heads", num_heads)):  # fmt: skip
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -90,18 +100,22 @@ class VolumeEncoder(nn.Module):
             raise ValueError(f"depth={depth!r}: expected an integer >= 0")
         if width % num_heads:
             raise ValueError(f"width={width} must be divisible by num_heads={num_heads}")
-        if width < 6:
-            raise ValueError(f"width={width}: expected at least 6 (two position channels per axis)")
+        if width < 2 * spatial_dims:
+            raise ValueError(
+                f"width={width}: expected at least {2 * spatial_dims} (two position channels per axis)"
+            )
         if not mlp_ratio > 0:
             raise ValueError(f"mlp_ratio={mlp_ratio!r}: expected a number > 0")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout!r}: expected a number in [0, 1)")
+        self.spatial_dims, self.in_channels = spatial_dims, in_channels
         self.patch_size, self.width = patch_size, width
+        conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
         self.stem = nn.Sequential(
-            nn.Conv3d(in_channels, stem_channels, 3, padding=1),
+            conv(in_channels, stem_channels, 3, padding=1),
             nn.GroupNorm(math.gcd(8, stem_channels), stem_channels),
             nn.SiLU(),
-            nn.Conv3d(stem_channels, width, patch_size, stride=patch_size),
+            conv(stem_channels, width, patch_size, stride=patch_size),
         )
         layer = nn.TransformerEncoderLayer(width, num_heads, int(mlp_ratio * width), dropout, activation="gelu",
                                            batch_first=True, norm_first=True)  # fmt: skip
@@ -111,12 +125,18 @@ class VolumeEncoder(nn.Module):
         self.norm = nn.LayerNorm(width)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Grid]:
+        if x.ndim != 2 + self.spatial_dims or x.shape[1] != self.in_channels:
+            axes = "D, H, W" if self.spatial_dims == 3 else "H, W"
+            raise ValueError(
+                f"input of shape {tuple(x.shape)}: expected (B, {self.in_channels}, {axes}) "
+                f"(spatial_dims={self.spatial_dims}, in_channels={self.in_channels})"
+            )
         sides = tuple(x.shape[2:])
         if any(n % self.patch_size for n in sides):
             raise ValueError(
-                f"volume of shape {sides}: each side must be a multiple of patch_size={self.patch_size}"
+                f"image of shape {sides}: each side must be a multiple of patch_size={self.patch_size}"
             )
-        h = self.stem(x)  # (B, width, d, h, w)
+        h = self.stem(x)  # (B, width, *grid)
         grid = tuple(h.shape[2:])
         tokens = h.flatten(2).transpose(1, 2)  # (B, P, width)
         tokens = tokens + sincos_position_embedding(grid, self.width).to(tokens)
@@ -229,7 +249,7 @@ class ReportEmbedding:
 
 
 class AlignmentModel(nn.Module):
-    """Volume patches and report words in one `dim`-wide space (the `projection` section's arguments).
+    """Image patches and report words in one `dim`-wide space (the `projection` section's arguments).
 
     Separate heads project patch tokens, the mean patch token, word features and the pooled report
     feature. `temperature` initialises the two learnable temperatures (global and local logits are
@@ -262,13 +282,18 @@ class AlignmentModel(nn.Module):
     def patch_size(self) -> int:
         return self.volume.patch_size
 
+    @property
+    def spatial_dims(self) -> int:
+        return self.volume.spatial_dims
+
     def logit_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(global, local) logit scales, 1 / temperature, at most 100."""
         scales = self.log_scale.clamp(max=math.log(100.0)).exp()
         return scales[0], scales[1]
 
     def encode_volumes(self, x: torch.Tensor) -> VolumeEmbedding:
-        """(B, 4, *S) volumes in the diffusion range -> normalised global (B, D) and patches (B, P, D)."""
+        """(B, C, *S) images (CT volumes: 4 channels, 3 axes; radiographs: 1 channel, 2 axes) in the
+        diffusion range -> normalised global (B, D) and patches (B, P, D)."""
         tokens, grid = self.volume(x)  # (B, P, width)
         patches = F.normalize(self.patch_head(tokens), dim=-1)
         global_ = F.normalize(self.volume_head(tokens.mean(1)), dim=-1)
@@ -284,7 +309,8 @@ class AlignmentModel(nn.Module):
 
 def volume_encoder_config(spec: Mapping[str, Any], where: str = "model") -> dict[str, Any]:
     """The `VolumeEncoder` arguments of a `model` section: a `preset` (see PRESETS) that its other keys
-    override. Unknown keys and presets are a ConfigError naming them."""
+    override (`spatial_dims` and `in_channels` default to a CT volume's 3 and 4, also for configs saved
+    before they existed). Unknown keys and presets are a ConfigError naming them."""
     spec = dict(to_container(spec) or {})
     preset = spec.pop("preset", None)
     check_keys(spec, [*constructor_keys(VolumeEncoder), "preset"], where)

@@ -1,5 +1,8 @@
 """Load a trained `train.py align` run for inference: `load_align_run(run_dir) -> AlignRun`.
 
+A run aligns reports with CT volumes (`spatial_dims` 3, 4 channels) or with radiographs (2, 1 channel),
+as its config's `model` section says (configs saved before 2D runs existed mean 3D).
+
 The run's `model.safetensors` holds the weights and, in its metadata, the merged run config; the model
 is rebuilt from that config (the same builder as training) in eval mode. A frozen text encoder's weights
 are not in the file: they load from the run's `text.model` (a fine-tuned one's are in the file, under
@@ -40,13 +43,23 @@ class AlignRun:
         return self.model.patch_size
 
     @property
+    def spatial_dims(self) -> int:
+        """2 for a radiograph run, 3 for a CT volume run."""
+        return self.model.spatial_dims
+
+    @property
+    def in_channels(self) -> int:
+        return self.model.volume.in_channels
+
+    @property
     def device(self) -> torch.device:
         return self.model.log_scale.device
 
     @torch.no_grad()
     def encode_volumes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Grid]:
-        """(B, 4, *S) volumes (the cache's base-resolution channels, diffusion range) -> global (B, D),
-        patches (B, P, D), both L2-normalised, and the patch grid (P = its product; see `patch_box`)."""
+        """(B, C, *S) images as the run was trained on them (CT: the cache's 4 base-resolution channels,
+        (B, 4, D, H, W); radiographs: (B, 1, H, W); diffusion range) -> global (B, D), patches (B, P, D),
+        both L2-normalised, and the patch grid (P = its product; see `patch_box`)."""
         out = self.model.encode_volumes(x.to(self.device, torch.float32))
         return out.global_, out.patches, out.grid
 
@@ -67,7 +80,8 @@ class AlignRun:
         return words.to(patches) @ patches.T
 
     def patch_box(self, index: int, grid: Grid) -> tuple[slice, ...]:
-        """The voxel box (slices per axis of the base-resolution volume) of patch token `index`."""
+        """The box (slices per axis of the base-resolution volume, or of the radiograph) of patch token
+        `index`."""
         return patch_box(index, grid, self.patch_size)
 
 

@@ -1,4 +1,5 @@
-"""`medsyn codebook build`: the visual codebook of keypatches from an align run and a prepared cache."""
+"""`medsyn codebook build`: the visual codebook of keypatches from an align run and a prepared cache (CT
+volumes or radiographs, the kind the run was trained on)."""
 
 from __future__ import annotations
 
@@ -15,23 +16,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="codebook_command", metavar="SUBCOMMAND", required=True)
     build = sub.add_parser(
         "build",
-        help="embed the split's report-volume pairs and keep the best word-patch matches as keypatches",
-        description="Embed every (report, volume) pair of the cache's --split with the align run; keep the "
-        "K1 pairs of highest global report-volume similarity; in each, every word's most similar patch is a "
-        "candidate scored by that similarity; the K2 best candidates are the keypatches (a patch chosen by "
-        "two words of its report is kept once). Writes codebook.safetensors (features, patch voxels), "
-        "codebook.json (one record per keypatch: word, score, subject, patch index, voxel box; the align "
-        "run's path and sha256, k1, k2, cache, split) and keypatches.png (the best keypatches of the most "
-        "frequent words) into --out.",
+        help="embed the split's report-image pairs and keep the best word-patch matches as keypatches",
+        description="Embed every (report, image) pair of the cache's --split with the align run (CT volumes "
+        "of a CT cache for a 3D run, radiographs of a `medsyn drr` cache for a 2D one); keep the K1 pairs of "
+        "highest global report-image similarity; in each, every word's most similar patch is a candidate "
+        "scored by that similarity; the K2 best candidates are the keypatches (a patch chosen by two words "
+        "of its report is kept once). Writes codebook.safetensors (features, patch pixels), codebook.json "
+        "(one record per keypatch: word, score, subject, patch index, box [start, stop] per axis of the "
+        "subject's image; the align run's path and sha256, k1, k2, cache, its kind, split) and "
+        "keypatches.png (the best keypatches of the most frequent words) into --out.",
     )
     build.add_argument("--align", required=True, help="run directory of `python train.py align`")
-    build.add_argument("--data", required=True, help="prepared cache (a folder with manifest.csv)")
+    build.add_argument(
+        "--data", required=True, help="prepared CT or radiograph cache (a folder with manifest.csv)"
+    )
     build.add_argument("--out", required=True, help="output folder for the codebook")
     build.add_argument(
         "--k1",
         type=int,
         default=DEFAULT_K1,
-        help=f"report-volume pairs kept, by global similarity (default {DEFAULT_K1}: most of "
+        help=f"report-image pairs kept, by global similarity (default {DEFAULT_K1}: most of "
         "the phantom demo's training split; all pairs when the split has fewer)",
     )
     build.add_argument(
@@ -61,10 +65,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from medsyn.alignment.codebook import JSON_FILE, SHEET_FILE, Codebook, check_out_dir
+    from medsyn.alignment.codebook import JSON_FILE, SHEET_FILE, Codebook, check_out_dir, check_pairs
+    from medsyn.alignment.data import PairCache
     from medsyn.alignment.run import load_align_run
     from medsyn.alignment.sheet import frequent_words, write_keypatch_sheet
-    from medsyn.data.cache import load_array, read_cache_manifest
     from medsyn.errors import ConfigError, DataError
 
     for name in ("k1", "k2", "batch_size"):
@@ -75,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda: no CUDA device is available; use --device cpu")
     hf_logging.disable_progress_bar()  # the text encoder's loading bar
+    data = PairCache.open(args.data)
     align = load_align_run(args.align, args.device)
+    check_pairs(align, data)  # before the long part
     codebook = Codebook.build(align, args.data, args.k1, args.k2, args.split, args.batch_size)
     codebook.save(out, overwrite=args.overwrite)
     shown = {
@@ -83,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
         for _, ix in frequent_words(codebook, SHEET_WORDS)
         for i in ix[:SHEET_PER_WORD]
     }
-    paths = {row["id"]: row["lr"] for row in read_cache_manifest(args.data)}
-    volumes = {s: load_array(paths[s]) for s in shown if s in paths}
+    rows = {row["id"]: row for row in data.rows(args.split)}
+    volumes = {s: data.load(rows[s]) for s in shown if s in rows}
     write_keypatch_sheet(out / SHEET_FILE, codebook, volumes, SHEET_WORDS, SHEET_PER_WORD)
     info = codebook.info
     print(

@@ -4,8 +4,9 @@ The JSON (--out) holds: `prompt`, `align_run`, `align_sha256`, `codebook`, `code
 `k3`, `exclude_subject`, `words` (one entry per word of the report: `word`, `position`, and `keypatches`,
 its k3 best, each with `index` into the codebook, `score` (cosine similarity to the word), `built_by`
 (the word that chose the keypatch when the codebook was built), `build_score`, `subject`, `patch_index`
-and `box` (voxel [start, stop] per axis of the subject's base-resolution volume)) and `tokens` (the
-keypatch indices in `keypatch_tokens` order: word by word, each keypatch once).
+and `box` ([start, stop] per axis of the subject's image: 3 axes of a CT codebook's base-resolution
+volume, 2 of a radiograph codebook's image)) and `tokens` (the keypatch indices in `keypatch_tokens`
+order: word by word, each keypatch once).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "The JSON: prompt, align_run, align_sha256, codebook, codebook_align_sha256, k3, exclude_subject; "
         "words: per word of the report its word, position and keypatches (index into the codebook, score, "
-        "built_by: the word that chose it at build time, build_score, subject, patch_index, box: voxel "
-        "[start, stop] per axis of the subject's base-resolution volume); tokens: the keypatch indices "
+        "built_by: the word that chose it at build time, build_score, subject, patch_index, box: "
+        "[start, stop] per axis of the subject's image, the base-resolution volume of a CT codebook or the "
+        "radiograph of a 2D one); tokens: the keypatch indices "
         "word by word, each once (the order of keypatch_tokens)."
     )
     parser.add_argument("--align", required=True, help="run directory of `python train.py align`")
@@ -32,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--k3", type=int, default=DEFAULT_K3, help=f"keypatches per word (default {DEFAULT_K3})"
     )
     parser.add_argument("--out", required=True, help="output JSON file")
-    parser.add_argument("--exclude-subject", help="never return keypatches cut from this subject's volume")
+    parser.add_argument("--exclude-subject", help="never return keypatches cut from this subject's image")
     parser.add_argument(
         "--force",
         action="store_true",

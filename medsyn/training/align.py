@@ -1,9 +1,13 @@
-"""`train.py align`: train the report-volume dual encoder (`medsyn.alignment`) on a prepared cache.
+"""`train.py align`: train the report-image dual encoder (`medsyn.alignment`) on a prepared cache.
 
-Batches are the base stage's: the cache's base-resolution 4-channel volumes with their reports
-(`BaseDataModule`). The loss is `loss.global_weight` x the global InfoNCE plus `loss.local_weight` x
-the word-patch InfoNCE; negatives are the other pairs of the batch on each device (so `data.batch_size`,
-not `effective_batch_size`, sets how many a pair is contrasted with).
+`data.root` is a CT cache or a radiograph cache (`medsyn.alignment.data.PairCache` tells which). Batches
+are the base stage's layout: the CT cache's base-resolution 4-channel volumes (`BaseDataModule`), or the
+radiographs (`RadiographDataModule`, (B, 1, H, W)), with their reports; the config's `model.spatial_dims`
+and `model.in_channels` must match them (3 and 4, the defaults, for CT; 2 and 1 for radiographs).
+The loss is `loss.global_weight` x the global InfoNCE plus `loss.local_weight` x the word-patch InfoNCE;
+negatives are the other pairs of the batch on each device (so `data.batch_size`, not
+`effective_batch_size`, sets how many a pair is contrasted with). Held-out metrics keep their names
+(`report_to_volume_top1`, ...) for radiographs too.
 
 The run directory follows the other stages: config.yaml, checkpoints/ (exact resume: the global random
 state, which dropout draws from, is saved in each checkpoint), logs, `model.safetensors` (the weights
@@ -21,6 +25,7 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig
 
+from medsyn.alignment.data import PairCache
 from medsyn.alignment.losses import global_contrastive_loss, local_contrastive_loss, word_patch_scores
 from medsyn.alignment.metrics import chance_accuracy, report_positives, retrieval_metrics, similarity_gap
 from medsyn.alignment.model import build_alignment_model
@@ -46,7 +51,7 @@ class AlignModule(pl.LightningModule):
         self._restored_optim: dict | None = None
 
     def losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Per-pair losses (B,) of a batch `{"x": (B, 4, *S), "text": list[str]}`: `global`, `local`
+        """Per-pair losses (B,) of a batch `{"x": (B, C, *S), "text": list[str]}`: `global`, `local`
         (each only when its weight is not zero) and their weighted sum `loss`."""
         cfg = self.loss_cfg
         volumes = self.model.encode_volumes(batch["x"])
@@ -173,44 +178,54 @@ def held_out_metrics(module: AlignModule, loader, loss_cfg: Mapping[str, Any]) -
     }
 
 
-def check_cache(cfg: DictConfig, root: Path) -> None:
+def check_cache(cfg: DictConfig, data: PairCache) -> None:
     """The cache has training subjects and at least 2 held-out ones (test, else val) to measure retrieval
-    on, and its base grid splits into whole patches of `model.patch_size`."""
+    on, its images are of the kind the model takes (`model.spatial_dims`, `model.in_channels`), and
+    their grid splits into whole patches of `model.patch_size`."""
+    import inspect
+
     import numpy as np
 
-    from medsyn.alignment.model import volume_encoder_config
-    from medsyn.data.cache import load_array, read_cache_manifest
+    from medsyn.alignment.model import VolumeEncoder, volume_encoder_config
 
-    rows = read_cache_manifest(root)
+    root = data.root
+    rows = data.rows()
     counts = {split: sum(r["split"] == split for r in rows) for split in ("train", "val", "test")}
     if counts["train"] < 2 or max(counts["test"], counts["val"]) < 2:
         raise DataError(
             f"{root / 'manifest.csv'}: {counts['train']} train, {counts['val']} val and {counts['test']} test "
             "subjects; the alignment needs at least 2 to train on and 2 held out (test, else val)"
         )
-    shape = tuple(np.shape(load_array(rows[0]["lr"]))[1:])
-    patch = int(volume_encoder_config(to_container(cfg.model))["patch_size"])
+    defaults = {k: p.default for k, p in inspect.signature(VolumeEncoder).parameters.items()}
+    spec = {**defaults, **volume_encoder_config(to_container(cfg.model))}
+    if (spec["spatial_dims"], spec["in_channels"]) != (data.spatial_dims, data.channels):
+        raise ConfigError(
+            f"model.spatial_dims={spec['spatial_dims']}, model.in_channels={spec['in_channels']}: data.root="
+            f"{root} is a {data.kind} cache, whose images have {data.spatial_dims} axes and {data.channels} "
+            f"channel(s); set model.spatial_dims={data.spatial_dims} model.in_channels={data.channels}"
+        )
+    shape = tuple(np.shape(data.load(rows[0]))[1:])
+    patch = int(spec["patch_size"])
     if any(n % patch for n in shape):
         raise ConfigError(
-            f"model.patch_size={patch}: does not divide the base grid {shape} of the cache at {root}; "
+            f"model.patch_size={patch}: does not divide the image grid {shape} of the cache at {root}; "
             "choose a divisor of each side"
         )
 
 
 def train_align(cfg: DictConfig) -> Path:
     """Run (or resume) `train.py align`; returns the run directory with model.safetensors and metrics.json."""
-    from medsyn.data.datamodule import BaseDataModule
     from medsyn.training.run import ensure_data, open_run, plain_trainer, start_run
 
     cfg, ckpt_path = open_run(cfg)
     run_dir, config = Path(cfg.run_dir), to_container(cfg)
-    root = ensure_data(cfg)
-    check_cache(cfg, root)
+    data = PairCache.open(ensure_data(cfg))
+    check_cache(cfg, data)
     trainer = plain_trainer(cfg, run_dir)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     module = AlignModule(config)
-    datamodule = BaseDataModule(root, int(cfg.data.batch_size), int(cfg.data.num_workers), int(cfg.seed),
-                                str(cfg.data.text))  # fmt: skip
+    datamodule = data.datamodule(int(cfg.data.batch_size), int(cfg.data.num_workers), int(cfg.seed),
+                                 str(cfg.data.text))  # fmt: skip
     datamodule.setup()
     start_run(cfg, trainer, module, ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -224,8 +239,8 @@ def train_align(cfg: DictConfig) -> Path:
                    "global_step": trainer.global_step}  # fmt: skip
         write_json(run_dir / METRICS_FILE, metrics)
         print(
-            f"medsyn: held-out ({split}, {metrics['subjects']} subjects) top-1 report->volume "
-            f"{metrics['report_to_volume_top1']:.3f}, volume->report {metrics['volume_to_report_top1']:.3f} "
+            f"medsyn: held-out ({split}, {metrics['subjects']} subjects) top-1 report->image "
+            f"{metrics['report_to_volume_top1']:.3f}, image->report {metrics['volume_to_report_top1']:.3f} "
             f"(chance {metrics['chance_top1']:.3f}) -> {run_dir / METRICS_FILE}"
         )
     return run_dir
