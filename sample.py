@@ -2,6 +2,8 @@
 
 Parse, build, run: prompts (and seeds) from the command line or a file, the runs from their
 directories, fixed channels from `--fix`, then `medsyn.generation.output.run_sampling` writes OUT/<index>/.
+Radiographs: `python sample.py --cxr RUN --prompt "..." --out DIR` with a `train.py cxr` (language model over
+VQ-GAN tokens) or `train.py cxr-diffusion` run (`medsyn.generation.cxr.sample_cxr`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     from medsyn.generation.stages import add_sampling_arguments
 
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__.splitlines()[0])
-    p.add_argument("--base", required=True, help="base run directory (model.safetensors, config.yaml)")
+    p.add_argument("--base", help="base run directory (model.safetensors, config.yaml)")
+    p.add_argument(
+        "--cxr", help="instead of --base: a radiograph run directory (train.py cxr or cxr-diffusion)"
+    )
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="--cxr language model: sampling temperature (0: the most likely code)")  # fmt: skip
+    p.add_argument("--top-p", type=float, default=0.95,
+                   help="--cxr language model: nucleus sampling mass (1: no cut)")  # fmt: skip
     p.add_argument("--sr", help="super-resolution run directory; without it the base volume is written")
     p.add_argument("--prompt", action="append", default=[], help="a report to condition on (repeatable)")
     p.add_argument("--prompts-file", help='text file (one prompt a line) or JSONL ({"prompt", "seed"})')
@@ -90,7 +99,44 @@ def requests(prompts: list[tuple[str, int | None]], num_samples: int, seed: int)
     return [(p, s + k if s is not None else seed + i) for i, (p, s, k) in enumerate(flat)]
 
 
+def main_cxr(args: argparse.Namespace) -> int:
+    """`--cxr RUN`: radiographs from a `train.py cxr` or `train.py cxr-diffusion` run."""
+    import torch
+
+    from medsyn.generation.cxr import CXRSampleOptions, sample_cxr
+    from medsyn.radiograph.output import check_out_dir
+
+    ct_only = [
+        flag for flag, given in (("--base", args.base), ("--sr", args.sr), ("--fix", args.fix)) if given
+    ]
+    if ct_only:
+        raise DataError(f"{', '.join(ct_only)}: CT options; --cxr samples radiographs without them")
+    prompts = [(p, None) for p in args.prompt] + (
+        read_prompts(args.prompts_file) if args.prompts_file else []
+    )
+    if not prompts:
+        raise DataError("no prompt given; pass --prompt TEXT or --prompts-file FILE")
+    if any(not p.strip() for p in args.prompt):
+        raise DataError("--prompt '': empty; expected a report text")
+    if args.num_samples < 1:
+        raise DataError(f"--num-samples {args.num_samples}: expected a positive integer")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda: no CUDA device is available; use --device cpu")
+    check_out_dir(args.out, args.overwrite)  # before any model loads
+    options = CXRSampleOptions(temperature=args.temperature, top_p=args.top_p, guidance=args.guidance,
+                               steps=args.steps, batch_size=args.batch_size)  # fmt: skip
+    began = time.perf_counter()
+    sample_cxr(args.cxr, requests(prompts, args.num_samples, args.seed), options, args.out, args.device,
+               args.overwrite)  # fmt: skip
+    print(f"sample.py: done in {time.perf_counter() - began:.1f} s -> {args.out}")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.cxr:
+        return main_cxr(args)
+    if not args.base:
+        raise DataError("pass --base RUN_DIR (a CT base run) or --cxr RUN_DIR (a radiograph run)")
     import torch
     from transformers.utils import logging as hf_logging
 

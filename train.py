@@ -12,6 +12,9 @@ STAGES = {
     "sr": ("medsyn.training.run", "train", "model.safetensors"),
     "text": ("medsyn.training.text", "train_text", "text_encoder/, metrics.json"),
     "align": ("medsyn.training.align", "train_align", "model.safetensors, metrics.json"),
+    "cxr": ("medsyn.training.cxr", "train_cxr", "model.safetensors, tokenizer/, metrics.json"),
+    "cxr-diffusion": ("medsyn.training.cxr_diffusion", "train_cxr_diffusion", "model.safetensors"),
+    "vqgan": ("medsyn.training.vqgan", "train_vqgan", "model.safetensors, metrics.json, reconstructions.png"),
 }
 
 

@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "prepare": "prepare",
     "drr": "drr",
     "evaluate": "evaluate",
+    "evaluate-cxr": "evaluate_cxr",
     "controllability": "controllability",
     "vocab": "vocab",
     "prompts": "prompts",

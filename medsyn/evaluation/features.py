@@ -274,15 +274,19 @@ class FeatureExtractor:
         slices = torch.cat(
             [cube.index_select(_PLANE_AXIS[p], index).movedim(_PLANE_AXIS[p], 0) for p in PLANES]
         )
-        x = slices[:, None]  # (3 n, 1, S, S)
-        if self.net_2d.conv1.in_channels == 3:
-            mean = torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1)
-            std = torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1)
-            x = (x.expand(-1, 3, -1, -1) - mean) / std
-        else:
-            x = x * 2 - 1
+        x = network_input_2d(slices[:, None], self.net_2d.conv1.in_channels)  # (3 n, C, S, S)
         feats = self.net_2d(x.to(self.device)).float().cpu().numpy()  # (3 n, D2)
         return dict(zip(PLANES, np.split(feats, len(PLANES)), strict=True))
+
+
+def network_input_2d(images01: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """What a 2D feature network takes for images (N, 1, S, S) in [0, 1]: replicated to 3 channels and
+    ImageNet-normalised for a 3-channel (ImageNet-trained) network, mapped to [-1, 1] for a 1-channel one."""
+    if in_channels == 3:
+        mean = torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1)
+        return (images01.expand(-1, 3, -1, -1) - mean) / std
+    return images01 * 2 - 1
 
 
 def build_feature_extractor(

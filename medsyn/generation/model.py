@@ -6,6 +6,8 @@ and the SR stage lives in the config: the conditioner sections it has (`text`, `
 see `CONDITIONERS`), the UNet preset, and which of the cache's grids it learns.
 The run's `lobe_encoding` sets the channels the network denoises (4, or 6 with the lobes as analog bits):
 the model takes and gives volumes of the four channels (`to_net`, `from_net`), whatever it denoises.
+A run's `channels` names other data (the radiograph baseline: `[image]`, one channel); without it, the
+four CT channels.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import nn
 from medsyn.alignment.conditioner import KeypatchConditioner
 from medsyn.conditioning import LowResConditioner, TextConditioner
 from medsyn.config import check_keys, constructor_keys
-from medsyn.data.channels import LOBE_ENCODINGS, from_net, net_channels, to_net
+from medsyn.data.channels import CHANNELS, LOBE_ENCODINGS, from_net, net_channels, to_net
 from medsyn.diffusion import Denoiser, build_denoiser
 from medsyn.errors import ConfigError
 from medsyn.nn.build import build_model
@@ -49,16 +51,19 @@ class DiffusionModel(nn.Module):
     conditioners: keyed by the input each reads (a run config section name, e.g. "text", "lowres").
     lobe_encoding: how the network denoises the lobes ("levels" or "bits", `medsyn.data.channels`); None:
         the one with as many channels as the network has (a model wrapped around e.g. the EMA denoiser).
+    channels: the data's channels (default the four CT channels; a radiograph: ("image",)).
     """
 
     def __init__(
-        self, denoiser: Denoiser, conditioners: Mapping[str, nn.Module], lobe_encoding: str | None = None
-    ) -> None:
+        self, denoiser: Denoiser, conditioners: Mapping[str, nn.Module], lobe_encoding: str | None = None,
+        channels: Sequence[str] = CHANNELS,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.denoiser = denoiser
         self.conditioners = nn.ModuleDict(dict(conditioners))
+        self.channels = tuple(channels)
         if lobe_encoding is None:
-            bits = self.out_channels == len(net_channels("bits"))
+            bits = "lobes" in self.channels and self.out_channels == len(net_channels("bits", self.channels))
             lobe_encoding = "bits" if bits else "levels"
         self.lobe_encoding = lobe_encoding
 
@@ -72,12 +77,14 @@ class DiffusionModel(nn.Module):
         return int(self.denoiser.net.out_channels)
 
     def to_net(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 4, *S) volumes in the diffusion range (lobes as levels) -> (B, out_channels, *S)."""
-        return to_net(x, self.lobe_encoding)
+        """(B, 4, *S) volumes in the diffusion range (lobes as levels) -> (B, out_channels, *S); data
+        without lobes (a radiograph) as it is."""
+        return to_net(x, self.lobe_encoding, self.channels)
 
     def from_net(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, out_channels, *S) -> (B, 4, *S) volumes (bits: the levels of the nearest valid codes)."""
-        return from_net(x, self.lobe_encoding)
+        """(B, out_channels, *S) -> (B, 4, *S) volumes (bits: the levels of the nearest valid codes); data
+        without lobes as it is."""
+        return from_net(x, self.lobe_encoding) if "lobes" in self.channels else x
 
     def report_inputs(
         self, texts: Sequence[str], subjects: Sequence[str | None] | None = None
@@ -182,6 +189,22 @@ def lobe_encoding_of(config: Mapping[str, Any]) -> str:
     return encoding
 
 
+def channels_of(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The run's data channels (`channels`; the four CT channels when the config has none), checked."""
+    names = config.get("channels")
+    if names is None:
+        return CHANNELS
+    if (
+        isinstance(names, str)
+        or not isinstance(names, Sequence)
+        or not names
+        or not all(isinstance(n, str) and n for n in names)
+        or len(set(names)) != len(names)
+    ):
+        raise ConfigError(f"channels={names!r} in the run config; expected a list of distinct channel names")
+    return tuple(names)
+
+
 def build_conditioners(config: Mapping[str, Any]) -> dict[str, nn.Module]:
     """One conditioner per section of `config` named in `CONDITIONERS`, built from that section."""
     diffusion = config.get("diffusion") or {}
@@ -208,12 +231,13 @@ def build_conditioners(config: Mapping[str, Any]) -> dict[str, nn.Module]:
 
 def build_diffusion_model(config: Mapping[str, Any]) -> DiffusionModel:
     """The denoiser and conditioners of a run config: `model` (UNet), `diffusion` (`build_denoiser`'s
-    arguments), `lobe_encoding` and one section per conditioner. The lobe encoding fixes the UNet's
-    channels, conditioners the arguments they depend on (e.g. the text features' width as
-    `cross_attention_dim`, the concatenated low-resolution volume's channels in `in_channels`)."""
+    arguments), `channels`, `lobe_encoding` and one section per conditioner. The channels and lobe
+    encoding fix the UNet's channels, conditioners the arguments they depend on (e.g. the text features'
+    width as `cross_attention_dim`, the concatenated low-resolution volume's channels in `in_channels`)."""
     lobe_encoding = lobe_encoding_of(config)
+    names = channels_of(config)
     conditioners = build_conditioners(config)
-    channels = len(net_channels(lobe_encoding))
+    channels = len(net_channels(lobe_encoding, names))
     unet_args: dict[str, Any] = {"in_channels": channels, "out_channels": channels}
     for conditioner in conditioners.values():
         unet_args.update(conditioner.unet_arguments())
@@ -223,7 +247,7 @@ def build_diffusion_model(config: Mapping[str, Any]) -> DiffusionModel:
         )
     except (TypeError, ValueError) as err:
         raise ConfigError(f"invalid diffusion settings in the run config: {err}") from err
-    return DiffusionModel(denoiser, conditioners, lobe_encoding)
+    return DiffusionModel(denoiser, conditioners, lobe_encoding, names)
 
 
 # keys of configs written by medsyn 0.1 before the conditioner sections existed: old -> new

@@ -129,6 +129,24 @@ def _distrust(config: dict, weights: Path, log: Callable[[str], None]) -> None:
     text["trust_remote_code"] = False
 
 
+def model_from_export(
+    config: dict, state: dict, weights: Path, run_dir: Path, device: str | torch.device = "cpu"
+) -> DiffusionModel:
+    """The diffusion model a run's stored config describes, with its exported weights, in eval mode on
+    `device`; a config or weights that do not fit give a one-line DataError naming the file."""
+    try:
+        model = build_diffusion_model(config)
+    except KeyError as err:
+        raise DataError(f"{weights}: the stored run config lacks {err}") from err
+    except MedsynError as err:
+        raise DataError(f"{run_dir}: cannot build the run's model from its stored config: {err}") from err
+    try:
+        model.load_exported_state(state)
+    except (KeyError, RuntimeError) as err:
+        raise DataError(f"{weights}: weights do not match the run's config ({err})") from err
+    return model.to(device).eval().requires_grad_(False)
+
+
 def load_run(
     run_dir: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -162,16 +180,6 @@ def load_run(
     if not trust_remote_code:
         _distrust(config, weights, log)
     _resolve_paths(config, run_dir)
-    try:
-        model = build_diffusion_model(config)
-    except KeyError as err:
-        raise DataError(f"{weights}: the stored run config lacks {err}") from err
-    except MedsynError as err:
-        raise DataError(f"{run_dir}: cannot build the run's model from its stored config: {err}") from err
-    try:
-        model.load_exported_state(state)
-    except (KeyError, RuntimeError) as err:
-        raise DataError(f"{weights}: weights do not match the run's config ({err})") from err
+    model = model_from_export(config, state, weights, run_dir, device)
     hr_grid, factor = run_grid(config)
-    model = model.to(device).eval().requires_grad_(False)
     return LoadedRun(run_dir, run_stage, config, model, weights, sha256_file(weights), hr_grid, factor)

@@ -22,6 +22,8 @@ _SR = {
     "mid_attention": True,
     "augment_embedding": True,
 }
+# the 2-D radiograph baseline (`train.py cxr-diffusion`): one channel, text as for the base model
+_CXR = {"spatial_dims": 2, "in_channels": 1, "out_channels": 1, "mid_attention": True, "pooled_text": True}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "base-700m": {
@@ -77,6 +79,29 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_head_channels": 16,
         "norm_num_groups": 8,
     },
+    # The radiograph baseline's CPU demo: base-demo's widths in 2-D, at 64^2 (8^2 at the bottom), with
+    # cross-attention to the report at the two lowest levels (16^2, 8^2) and the bottleneck; ~1.6 GFLOP per
+    # forward at 64^2. And its unit-test size (16^2-32^2).
+    "cxr-demo": {
+        **_CXR,
+        "num_channels": [16, 32, 64, 128],
+        "num_res_blocks": [1, 1, 2, 2],
+        "attention_levels": [False, False, True, True],
+        "transformer_depth": 1,
+        "num_head_channels": 32,
+        "norm_num_groups": 8,
+        "cross_attention_dim": 128,
+    },
+    "cxr-tiny": {
+        **_CXR,
+        "num_channels": [16, 32],
+        "num_res_blocks": 1,
+        "attention_levels": [False, True],
+        "transformer_depth": 1,
+        "num_head_channels": 16,
+        "norm_num_groups": 8,
+        "cross_attention_dim": 32,
+    },
 }
 
 # The input size each preset is meant for (used by `medsyn summary` when --size is not given).
@@ -87,4 +112,6 @@ DEFAULT_SIZE: dict[str, int] = {
     "sr-demo": 128,
     "base-tiny": 16,
     "sr-tiny": 16,
+    "cxr-demo": 64,
+    "cxr-tiny": 16,
 }

@@ -33,6 +33,7 @@ from medsyn.data.datamodule import TEXT_MODES
 from medsyn.errors import ConfigError
 from medsyn.generation.model import CONDITIONERS, RESOLUTIONS, conditioner_keys, legacy_keys, upgrade_config
 from medsyn.nn.build import model_config
+from medsyn.radiograph.cache import ENCODING as RADIOGRAPH_ENCODING
 
 DEFAULT_PREVIEW_PROMPTS = [
     "FINDINGS: The lungs are clear. No pleural effusion. Heart size is normal. IMPRESSION: No acute "
@@ -113,6 +114,21 @@ STAGES: dict[str, dict[str, Any]] = {
         "data": {"resolution": "hr", "crop_size": 64},
         "effective_batch_size": 32,
         "preview": {"guidance": 1.0},
+    },
+    # the radiograph baseline (medsyn.training.cxr_diffusion): the base stage's model in 2-D on one channel,
+    # learning a radiograph cache (`medsyn drr`) whose images are area-downsampled to data.size (null: as cached)
+    "cxr-diffusion": {
+        "encoding": RADIOGRAPH_ENCODING,
+        "channels": ["image"],
+        "model": {"preset": "cxr-demo"},
+        "text": {
+            "model": "microsoft/BiomedVLP-CXR-BERT-specialized",
+            "max_length": 192,
+            "ucg_rate": 0.1,
+            "null_kind": "zero",
+        },
+        "data": {"root": "data/drr", "size": None},
+        "preview": {"every_n_steps": 0},  # previews render volumes; sample.py --cxr RUN draws radiographs
     },
 }
 
@@ -202,6 +218,14 @@ def defaults(stage: str) -> dict[str, Any]:
     """The default run config of a stage ("base", "sr", "text" or "align")."""
     if stage in ("text", "align"):
         return to_container(OmegaConf.create(TEXT_RUN if stage == "text" else ALIGN_RUN))
+    if stage == "cxr":  # the report-to-radiograph language model (medsyn.training.cxr)
+        from medsyn.training.cxr_config import defaults as cxr_defaults
+
+        return cxr_defaults()
+    if stage == "vqgan":  # the radiograph VQ-GAN (medsyn.training.vqgan)
+        from medsyn.training.vqgan_config import defaults as vqgan_defaults
+
+        return vqgan_defaults()
     if stage not in STAGES:
         raise ConfigError(f"unknown stage '{stage}'; expected one of {', '.join([*STAGES, 'text', 'align'])}")
     merged = OmegaConf.merge(_COMMON, {"stage": stage, "run_dir": f"runs/{stage}"}, STAGES[stage])
@@ -227,6 +251,8 @@ def load_run_config(stage: str, path: str | os.PathLike | None, overrides: Seque
         open_keys = ["model.scratch", "trainer", "data.phantoms"]
     elif stage == "align":
         open_keys = ["model", "trainer", "data.phantoms"]
+    elif stage == "vqgan":
+        open_keys = ["model", "discriminator", "trainer"]
     diffusion = stage in STAGES  # base and sr: keys of earlier versions are moved
     if path is not None:
         file_cfg = load_yaml(path)
@@ -251,6 +277,16 @@ def load_run_config(stage: str, path: str | os.PathLike | None, overrides: Seque
         cfg = merge_checked(cfg, dotlist, "the command-line overrides", open_keys)
     where = str(path) if path else "the config"
     where = f"{where} with the command-line overrides" if overrides else where
+    if stage == "vqgan":
+        from medsyn.training.vqgan_config import validate_vqgan
+
+        validate_vqgan(cfg, where)
+        return cfg
+    if stage == "cxr":
+        from medsyn.training.cxr_config import validate_cxr
+
+        validate_cxr(cfg, where)
+        return cfg
     {"text": validate_text, "align": validate_align}.get(stage, validate)(cfg, where)
     return cfg
 
@@ -307,8 +343,9 @@ def validate(cfg: DictConfig, where: str) -> None:
         if key in cfg and cfg[key] is not None:
             check_keys(cfg[key], conditioner_keys(cls), f"{where}: {key}")
     _check_trainer(cfg, where)
-    if cfg.encoding != ENCODING:
-        raise ConfigError(f"{where}: encoding={cfg.encoding!r}; this medsyn trains on {ENCODING!r} data "
+    encoding = STAGES.get(cfg.stage, {}).get("encoding", ENCODING)  # the stage's data: CT, or radiographs
+    if cfg.encoding != encoding:
+        raise ConfigError(f"{where}: encoding={cfg.encoding!r}; this medsyn trains on {encoding!r} data "
                           "(the key records the channel convention; it is not a setting)")  # fmt: skip
     if cfg.lobe_encoding not in LOBE_ENCODINGS:
         raise ConfigError(

@@ -6,6 +6,7 @@ import copy
 import os
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -323,11 +324,14 @@ def start_run(
         write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg))
 
 
-def train(cfg: DictConfig) -> Path:
+def train(
+    cfg: DictConfig, build_data: Callable[[DictConfig, Path], pl.LightningDataModule] = build_datamodule
+) -> Path:
     """Run (or resume) the training job `cfg`; returns the run directory.
 
     Everything that can refuse the job (settings, checkpoints, data) does so before the run directory is
-    written to.
+    written to. `build_data(cfg, root)` makes the data a stage learns (`build_datamodule`: the CT cache's;
+    the radiograph baseline passes its own, `medsyn.training.cxr_diffusion`).
     """
     cfg, ckpt_path = open_run(cfg)
     run_dir, config = Path(cfg.run_dir), to_container(cfg)
@@ -356,7 +360,7 @@ def train(cfg: DictConfig) -> Path:
         preview.spacing = _cache_spacing(root, cfg.data.resolution)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     module = DiffusionModule(config)
-    datamodule = build_datamodule(cfg, root)
+    datamodule = build_data(cfg, root)
     start_run(cfg, trainer, module, ckpt_path)
     if trainer.is_global_zero:
         if logger:
