@@ -32,13 +32,13 @@ from medsyn.alignment.model import build_alignment_model
 from medsyn.config import to_container
 from medsyn.errors import ConfigError, DataError
 from medsyn.io import write_json
-from medsyn.training.module import NonFiniteLossError, apply_optim_settings, build_optimizer
+from medsyn.training.module import NonFiniteLossError, ResumableModule, build_optimizer
 from medsyn.weights import WEIGHTS_FILE, export_weights
 
 METRICS_FILE = "metrics.json"
 
 
-class AlignModule(pl.LightningModule):
+class AlignModule(ResumableModule):
     """Contrastive training of the alignment model an align run config describes."""
 
     def __init__(self, config: Mapping[str, Any]) -> None:
@@ -47,8 +47,6 @@ class AlignModule(pl.LightningModule):
         self.model = build_alignment_model(config)
         self.loss_cfg = dict(config["loss"])
         self.optim_cfg = dict(config.get("optim") or {})
-        self._pending_rng_state: torch.Tensor | None = None
-        self._restored_optim: dict | None = None
 
     def losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Per-pair losses (B,) of a batch `{"x": (B, C, *S), "text": list[str]}`: `global`, `local`
@@ -96,33 +94,6 @@ class AlignModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return build_optimizer([p for p in self.parameters() if p.requires_grad], **self.optim_cfg)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["medsyn_rng_state"] = torch.get_rng_state()  # dropout's draws continue on resume
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._pending_rng_state = checkpoint.get("medsyn_rng_state")
-        config = (checkpoint.get("hyper_parameters") or {}).get("config") or {}
-        self._restored_optim = dict(config.get("optim") or {})
-
-    def on_train_start(self) -> None:
-        # loops, optimizer and scheduler are restored by now: continue the random state, apply changed optim
-        if self._pending_rng_state is not None:
-            torch.set_rng_state(self._pending_rng_state)
-            self._pending_rng_state = None
-        restored, self._restored_optim = self._restored_optim, None
-        changed = {
-            k: v
-            for k, v in self.optim_cfg.items()
-            if restored and restored.get(k) != v and k != "warmup_steps"
-        }
-        if changed:
-            apply_optim_settings(self.trainer, self.optim_cfg)
-            if self.trainer.is_global_zero:
-                what = ", ".join(
-                    f"optim.{k}={v} (the checkpoint had {restored.get(k)})" for k, v in changed.items()
-                )
-                print(f"medsyn: resuming with {what}")
 
     def exported_state(self) -> dict[str, torch.Tensor]:
         """The weights inference needs: the model's state (a frozen text encoder left out)."""

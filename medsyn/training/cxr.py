@@ -51,7 +51,7 @@ from medsyn.radiograph.lm import (
     save_tokenizer,
 )
 from medsyn.radiograph.sequence import IGNORE, TokenLayout, build_layout, collate, report_ids
-from medsyn.training.module import NonFiniteLossError, apply_optim_settings, build_optimizer
+from medsyn.training.module import NonFiniteLossError, ResumableModule, build_optimizer
 from medsyn.weights import WEIGHTS_FILE, export_weights
 
 METRICS_FILE, TOKENS_DIR = "metrics.json", "tokens"
@@ -204,7 +204,7 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return loss * mask, mask
 
 
-class CXRModule(pl.LightningModule):
+class CXRModule(ResumableModule):
     """Causal-LM training of the `model` section on token sequences, the loss on the image tokens."""
 
     def __init__(self, config: Mapping[str, Any], layout: Mapping[str, Any]) -> None:
@@ -213,8 +213,6 @@ class CXRModule(pl.LightningModule):
         self.layout = TokenLayout.from_dict(layout)
         self.model = build_lm(config["model"], self.layout.vocab, int(config["seed"]))
         self.optim_cfg = dict(config.get("optim") or {})
-        self._pending_rng_state: torch.Tensor | None = None
-        self._restored_optim: dict | None = None
 
     def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Logits (B, L, V) of a collated batch."""
@@ -245,32 +243,6 @@ class CXRModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return build_optimizer(self.model.parameters(), **self.optim_cfg)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["medsyn_rng_state"] = torch.get_rng_state()  # dropout's draws continue on resume
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._pending_rng_state = checkpoint.get("medsyn_rng_state")
-        config = (checkpoint.get("hyper_parameters") or {}).get("config") or {}
-        self._restored_optim = dict(config.get("optim") or {})
-
-    def on_train_start(self) -> None:
-        if self._pending_rng_state is not None:
-            torch.set_rng_state(self._pending_rng_state)
-            self._pending_rng_state = None
-        restored, self._restored_optim = self._restored_optim, None
-        changed = {
-            k: v
-            for k, v in self.optim_cfg.items()
-            if restored and restored.get(k) != v and k != "warmup_steps"
-        }
-        if changed:
-            apply_optim_settings(self.trainer, self.optim_cfg)
-            if self.trainer.is_global_zero:
-                what = ", ".join(
-                    f"optim.{k}={v} (the checkpoint had {restored.get(k)})" for k, v in changed.items()
-                )
-                print(f"medsyn: resuming with {what}")
 
     def exported_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.model.state_dict().items()}

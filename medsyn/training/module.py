@@ -72,6 +72,44 @@ def apply_optim_settings(trainer: pl.Trainer, optim: Mapping[str, Any]) -> None:
             scheduler._last_lr = [group["lr"] for group in groups]
 
 
+class ResumableModule(pl.LightningModule):
+    """A LightningModule whose resume is exact for the global random state (dropout draws from it) and
+    which applies changed `optim` settings (`self.optim_cfg`) to the restored optimizer on resume."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.optim_cfg: dict[str, Any] = {}
+        self._pending_rng_state: torch.Tensor | None = None
+        self._restored_optim: dict | None = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["medsyn_rng_state"] = torch.get_rng_state()  # dropout's draws continue on resume
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._pending_rng_state = checkpoint.get("medsyn_rng_state")
+        config = (checkpoint.get("hyper_parameters") or {}).get("config") or {}
+        self._restored_optim = dict(config.get("optim") or {})
+
+    def on_train_start(self) -> None:
+        # loops, optimizer and scheduler are restored by now: continue the random state, apply changed optim
+        if self._pending_rng_state is not None:
+            torch.set_rng_state(self._pending_rng_state)
+            self._pending_rng_state = None
+        restored, self._restored_optim = self._restored_optim, None
+        changed = {
+            k: v
+            for k, v in self.optim_cfg.items()
+            if restored and restored.get(k) != v and k != "warmup_steps"
+        }
+        if changed:
+            apply_optim_settings(self.trainer, self.optim_cfg)
+            if self.trainer.is_global_zero:
+                what = ", ".join(
+                    f"optim.{k}={v} (the checkpoint had {restored.get(k)})" for k, v in changed.items()
+                )
+                print(f"medsyn: resuming with {what}")
+
+
 class DiffusionModule(pl.LightningModule):
     """Diffusion training of the model a run config describes.
 
