@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from cxr_fixtures import make_radiographs
 from training_fixtures import REPORTS, align_overrides, make_text_model
 
 from medsyn.alignment import (
@@ -30,8 +31,6 @@ from medsyn.errors import ConfigError, DataError
 from medsyn.radiograph.cache import (
     load_image,
     read_radiograph_manifest,
-    write_radiograph,
-    write_radiograph_manifest,
 )
 from medsyn.training.align import check_cache, train_align
 from medsyn.training.config import load_run_config
@@ -40,22 +39,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZE, PATCH, GRID = 32, 8, (4, 4)  # 32^2 radiographs, 8^2-pixel patches: a 4 x 4 patch grid
 OVERRIDES = {"model.spatial_dims": 2, "model.in_channels": 1, "model.patch_size": PATCH}
-
-
-def make_radiographs(root: Path, n: int = 12, seed: int = 0) -> Path:
-    """A radiograph cache of `n` toy films: a dark chest with a bright blob placed by the report."""
-    rng = np.random.default_rng(seed)
-    y, x = np.meshgrid(np.linspace(-1, 1, SIZE), np.linspace(-1, 1, SIZE), indexing="ij")
-    for i in range(n):
-        findings, impression = REPORTS[i % len(REPORTS)]
-        cx = (0.5 if "right" in findings.lower() else -0.5) + rng.normal(0, 0.05)
-        image = np.where((x / 0.9) ** 2 + (y / 0.8) ** 2 < 1, -0.6, -1.0)
-        image = image + 1.4 * np.exp(-((x - cx) ** 2 + (y - 0.3 * (i % 3 - 1)) ** 2) / 0.05)
-        image = np.clip(image + rng.normal(0, 0.02, image.shape), -1, 1)
-        meta = {"findings": findings, "impression": impression, "kind": "drr", "source": "synthetic"}
-        write_radiograph(root, f"cxr_{i:03d}", image.astype(np.float32), meta)
-    write_radiograph_manifest(root, fractions=(0.5, 0.25, 0.25))
-    return root
 
 
 @pytest.fixture(scope="module")
