@@ -6,9 +6,10 @@ backends do not give (pleural fluid, heart, inner thoracic outline, nodules) com
 
 - effusion_ml, effusion_left_ml, effusion_right_ml [II]: pleural fluid volume (mL); left / right are the
   patient's, by the world x of each voxel (RAS+: x < 0 is the patient's left).
-- ctr [IV]: cardiothoracic ratio, the widest transverse (x) extent of the heart over any axial slice,
-  divided by the transverse extent of the inner thoracic outline (lungs plus pleural fluid) on that same
-  slice.
+- ctr [IV]: cardiothoracic ratio, the widest transverse (x) extent of the heart over the axial slices
+  where lungs or pleural fluid flank it on both sides, divided by the transverse extent of the inner
+  thoracic outline (lungs plus pleural fluid) on that same slice; among slices of equal heart width, the
+  one with the widest thorax (`thorax.cardiothoracic_widths`).
 - laa950_pct [III]: %LAA-950, 100 x the fraction of lung parenchyma voxels (lungs without the airway
   lumen) below -950 HU. The lumen is the re-segmented airway less its leaks into emphysema and bullae
   (`medsyn.evaluation.airway`); the leaks count as lung. airway_leak_mm3 is the volume of those leaks.
@@ -135,8 +136,7 @@ def measure_volume(
     left = thorax.world_x(affine, hu.shape) < 0
     contents = thorax.pleural_contents(lungs, fluid)
     heart = thorax.heart(hu, spacing, thorax.slice_hull(contents), fluid)
-    heart_width, level = thorax.max_width(heart)
-    thorax_width = thorax.width_at(contents | heart, level)
+    heart_width, thorax_width = thorax.cardiothoracic_widths(heart, contents)
     lumen = airway_lumen(hu, airway, spacing)
     parenchyma = (lungs | airway) & ~lumen  # leaks of the grown airway are lung the lung mask left out
     found = [_nodule_record(m, lobes, affine, voxel_ml) for m in thorax.nodules(hu, spacing, lungs)]

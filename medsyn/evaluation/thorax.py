@@ -220,21 +220,29 @@ def _close_border(blood: np.ndarray, tissue: np.ndarray, neighbours: int, steps:
     return blood
 
 
-def max_width(mask: np.ndarray) -> tuple[int, int]:
-    """(widest transverse extent in voxels along axis 0 over axial slices, the slice where it is)."""
-    cols = mask.any(axis=1)  # (x, z)
-    best, level = 0, -1
-    for k in np.flatnonzero(cols.any(axis=0)):
-        x = np.flatnonzero(cols[:, k])
-        if x[-1] - x[0] + 1 > best:
-            best, level = int(x[-1] - x[0] + 1), int(k)
-    return best, level
+def cardiothoracic_widths(heart: np.ndarray, contents: np.ndarray) -> tuple[int, int]:
+    """(heart width, inner thoracic width) in voxels on the axial slice where the CTR is read.
 
-
-def width_at(mask: np.ndarray, level: int) -> int:
-    """Transverse extent (voxels along axis 0) of `mask` on axial slice `level`."""
-    x = np.flatnonzero(mask[:, :, level].any(axis=1)) if 0 <= level < mask.shape[2] else []
-    return int(x[-1] - x[0] + 1) if len(x) else 0
+    That slice is the one of widest heart among the slices where the pleural contents flank the heart on
+    both sides (the heart's lowest slices abut the liver, which shares its density: a heart grown into it
+    there is wider than the thorax around it); of the slices with that width, the one with the widest
+    thorax (on a coarse grid several slices tie, and the first one may be the narrow lung base). Without
+    a flanked slice, every slice is a candidate. The thoracic width is that of contents | heart.
+    """
+    outline = contents | heart
+    heart_cols, outline_cols = heart.any(axis=1), outline.any(axis=1)  # (x, z)
+    levels = np.flatnonzero(heart_cols.any(axis=0))
+    if not len(levels):
+        return 0, 0
+    rows = []  # (flanked, heart width, thorax width) per slice with heart
+    for k in levels:
+        hx, cx = np.flatnonzero(heart_cols[:, k]), np.flatnonzero(contents[:, :, k].any(axis=1))
+        flanked = bool(len(cx)) and cx[0] < hx[0] and cx[-1] > hx[-1]
+        ox = np.flatnonzero(outline_cols[:, k])
+        rows.append((flanked, int(hx[-1] - hx[0] + 1), int(ox[-1] - ox[0] + 1)))
+    candidates = [r for r in rows if r[0]] or rows
+    _, heart_width, thorax_width = max(candidates, key=lambda r: (r[1], r[2]))
+    return heart_width, thorax_width
 
 
 def nodules(
