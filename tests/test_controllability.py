@@ -263,6 +263,16 @@ def test_command_end_to_end_and_rerun_reuses_samples(runs, tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert json.loads((out / "controllability.json").read_text())["pairs"] == result["pairs"]
 
+    # measures cached under an older definition of the measures are taken again; the samples are kept
+    stale = out / "measures" / prompt_id(NORMAL) / "1.json"
+    entry = json.loads(stale.read_text())
+    entry["version"] -= 1
+    entry["measures"]["lung_ml"] = -1.0
+    stale.write_text(json.dumps(entry))
+    assert run_command("--base", runs["base"], "--pairs", pairs, "--out", out, *FAST) == 0
+    assert json.loads(stale.read_text())["measures"]["lung_ml"] == cached["measures"]["lung_ml"]
+    assert json.loads((out / "controllability.json").read_text())["pairs"] == result["pairs"]
+
 
 def test_command_with_sr_and_refusals(runs, tmp_path, capsys):
     pairs = tmp_path / "pairs.yaml"

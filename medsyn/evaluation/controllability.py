@@ -37,7 +37,7 @@ from medsyn.data.channels import LOBE_NAMES, MASK_CHANNELS
 from medsyn.data.nifti import load_nifti
 from medsyn.data.segment import DEFAULT_BACKEND, get_backend
 from medsyn.errors import DataError
-from medsyn.evaluation.measures import MEASURES, measure_volume
+from medsyn.evaluation.measures import MEASURES, MEASURES_VERSION, measure_volume
 from medsyn.generation.output import check_out_dir, package_versions, run_sampling
 from medsyn.generation.stages import SampleOptions
 from medsyn.io import atomic_path, write_json, write_text
@@ -384,18 +384,26 @@ def _sample_hashes(sample: Path) -> dict[str, str]:
 
 def measure_sample(sample: Path, cache: Path, backend_name: str, backend) -> dict[str, Any]:
     """measure_volume of a sample folder (CT re-segmented by `backend`, generated masks given), cached in
-    `cache` (a JSON file) and reused while the backend and the sample's files are the same."""
+    `cache` (a JSON file) and reused while the backend, the sample's files and the measures' definitions
+    (`MEASURES_VERSION`) are the same."""
     hashes = _sample_hashes(sample)
     try:
         stored = json.loads(cache.read_text(encoding="utf-8"))
-        if stored["backend"] == backend_name and stored["files"] == hashes:
+        same = (stored["backend"], stored["files"], stored.get("version")) == (
+            backend_name,
+            hashes,
+            MEASURES_VERSION,
+        )
+        if same:
             return stored["measures"]
     except (OSError, ValueError, KeyError, TypeError):
         pass
     hu, affine = load_nifti(sample / "ct.nii.gz")
     masks = {name: load_nifti(sample / f"{name}.nii.gz", dtype=np.uint8)[0] for name in MASK_CHANNELS}
     measures = measure_volume(hu, affine, masks, backend=backend)
-    write_json(cache, {"backend": backend_name, "files": hashes, "measures": measures})
+    write_json(
+        cache, {"backend": backend_name, "version": MEASURES_VERSION, "files": hashes, "measures": measures}
+    )
     return json.loads(json.dumps(measures, default=str))
 
 

@@ -54,11 +54,17 @@ MEASURES: tuple[str, ...] = (
     "mask_airway_mm3",
     "mask_vessel_mm3",
 )
+# bumped when a definition changes what a volume measures, so that cached measures are not reused (2: the
+# CTR's slice is the widest flanked one, `thorax.cardiothoracic_widths`)
+MEASURES_VERSION = 2
 UNITS: dict[str, tuple[str, str]] = {
     "effusion_ml": ("pleural effusion volume", "mL"),
     "effusion_left_ml": ("pleural effusion volume, patient's left", "mL"),
     "effusion_right_ml": ("pleural effusion volume, patient's right", "mL"),
-    "ctr": ("cardiothoracic ratio (max cardiac / inner thoracic width, same axial level)", "ratio"),
+    "ctr": (
+        "cardiothoracic ratio (max cardiac / inner thoracic width, same axial level, lungs flanking the heart)",
+        "ratio",
+    ),
     "laa950_pct": ("%LAA-950: lung parenchyma below -950 HU", "%"),
     "lung_ml": ("lung volume (re-segmented)", "mL"),
     "lobe_ml": ("lobe volumes (re-segmented)", "mL"),
